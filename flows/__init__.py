@@ -1,0 +1,1 @@
+"""scribeline.flows: Prefect flows that orchestrate generation, training and export."""

@@ -1,0 +1,1 @@
+"""scribeline.workers: the Ray side: tasks that render and write shards."""
