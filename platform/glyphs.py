@@ -89,7 +89,9 @@ class GlyphBank:
             return cached
         code = SPLIT_CODES[split]
         chosen = np.flatnonzero(self.splits == code)
-        by_class = [chosen[self.classes[chosen] == c] for c in range(len(self.class_chars))]
+        by_class = [
+            chosen[self.classes[chosen] == c] for c in range(len(self.class_chars))
+        ]
         charset = self.charset
         counts = np.zeros(len(charset), dtype=np.int64)
         parts: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]

@@ -1,0 +1,347 @@
+"""The ``scribeline`` command.
+
+    scribeline generate --glyphs ../shared/data/emnist \\
+        --corpus ../shared/data/wikisplit/test.tsv --lines 100000 --output out/ds
+    scribeline preview --dataset out/ds --out preview.png
+    scribeline inspect out/ds
+
+Every option of ``generate`` can also come from ``SCRIBELINE_*`` environment
+variables (see ``scribeline.platform.settings``); flags win.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from scribeline import __version__
+from scribeline.platform.errors import ScribelineError
+
+logger = logging.getLogger(__name__)
+console = Console(stderr=True)
+app = typer.Typer(
+    name="scribeline",
+    help="Synthetic handwritten-line datasets from EMNIST glyphs, and recognizers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        force=True,
+    )
+
+
+@app.callback()
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logs.")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version.")
+    ] = False,
+) -> None:
+    """scribeline: make synthetic handwriting datasets and train line recognizers."""
+    _setup_logging(verbose)
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+def _settings(overrides: dict[str, Any]) -> Any:
+    """Build settings from flags that were given; the rest from env/defaults."""
+    from scribeline.platform.settings import GenerateSettings
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    layout = {k: v for k, v in given.pop("layout", {}).items() if v is not None}
+    if layout:
+        base = GenerateSettings().layout.model_dump()
+        given["layout"] = {**base, **layout}
+    try:
+        return GenerateSettings(**given)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise _fail(f"{where}: {first['msg']} (got {first.get('input')!r})") from err
+
+
+def _storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
+    if not pairs:
+        return None
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise _fail(
+                f"--storage-option {pair!r} is not KEY=VALUE; e.g. "
+                "--storage-option endpoint_url=http://127.0.0.1:9000"
+            )
+        if key in ("endpoint_url", "region_name"):  # s3fs wants these nested
+            options.setdefault("client_kwargs", {})[key] = value
+        else:
+            options[key] = value
+    return options
+
+
+GlyphsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--glyphs",
+        "--emnist",
+        help="EMNIST folder, gzip.zip or URL (official NIST layout). "
+        "Default: embedded handwriting fonts.",
+    ),
+]
+SplitOpt = Annotated[
+    str | None,
+    typer.Option(help="EMNIST split: byclass, balanced, bymerge, letters, digits."),
+]
+CorpusOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="WikiSplit .tsv or text file(s), comma-separated. Default: the "
+        "embedded pyjokes corpus."
+    ),
+]
+StorageOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--storage-option",
+        help="fsspec option KEY=VALUE for every URL (repeatable), e.g. "
+        "endpoint_url=http://127.0.0.1:9000",
+    ),
+]
+
+
+@app.command()
+def generate(
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Dataset version URL.")
+    ] = None,
+    glyphs: GlyphsOpt = None,
+    emnist_split: SplitOpt = None,
+    corpus: CorpusOpt = None,
+    lines: Annotated[int | None, typer.Option("--lines", "-n", help="Lines.")] = None,
+    shard_size: Annotated[int | None, typer.Option(help="Lines per shard.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Dataset seed.")] = None,
+    layout: Annotated[
+        str | None, typer.Option(help="seed (fixed slots) or natural (jitter).")
+    ] = None,
+    max_chars: Annotated[int | None, typer.Option(help="Characters a line.")] = None,
+    height: Annotated[int | None, typer.Option(help="Line image height, px.")] = None,
+    overflow: Annotated[
+        str | None, typer.Option(help="Long sentences: cut or wrap.")
+    ] = None,
+    val_fraction: Annotated[float | None, typer.Option()] = None,
+    test_fraction: Annotated[float | None, typer.Option()] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Local processes (same output for any).")
+    ] = None,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Generate a dataset version: line images in Parquet shards + manifest.json.
+
+    With no --glyphs and no --corpus it uses the embedded default (handwriting
+    fonts and the pyjokes corpus), which needs no download.
+    """
+    from scribeline.platform import dataset
+
+    settings = _settings(
+        {
+            "output": output,
+            "glyphs": glyphs,
+            "emnist_split": emnist_split,
+            "corpus": corpus,
+            "lines": lines,
+            "shard_size": shard_size,
+            "seed": seed,
+            "overflow": overflow,
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "workers": workers,
+            "storage_options": _storage_options(storage_option),
+            "layout": {"mode": layout, "max_chars": max_chars, "height": height},
+        }
+    )
+    with _progress() as progress:
+        task = progress.add_task("shards", total=None)
+
+        def on_shard(record: Any, done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        try:
+            manifest = dataset.generate(settings, on_shard=on_shard)
+        except ScribelineError as err:
+            raise _fail(str(err)) from err
+        except FileNotFoundError as err:
+            raise _fail(str(err)) from err
+    _print_summary(manifest)
+    typer.echo(f"dataset version {manifest['dataset_version']} -> {settings.output}")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _print_summary(manifest: dict[str, Any]) -> None:
+    totals = manifest["totals"]
+    table = Table(title=f"dataset version {manifest['dataset_version']}")
+    table.add_column("split")
+    table.add_column("lines", justify="right")
+    table.add_column("shards", justify="right")
+    table.add_column("bytes", justify="right")
+    for split, entry in totals["by_split"].items():
+        table.add_row(
+            split, f"{entry['lines']:,}", str(entry["shards"]), f"{entry['bytes']:,}"
+        )
+    table.add_row(
+        "total",
+        f"{totals['lines']:,}",
+        str(totals["shards"]),
+        f"{totals['bytes']:,}",
+        style="bold",
+    )
+    console.print(table)
+    seconds = manifest["generation"]["seconds"]
+    rate = totals["lines"] / seconds if seconds else float("nan")
+    console.print(
+        f"{totals['bytes_per_line']:.0f} bytes/line, {seconds:.1f} s "
+        f"({rate:,.0f} lines/s), charset {manifest['charset']['chars']!r}",
+        highlight=False,
+    )
+
+
+@app.command()
+def preview(
+    dataset_url: Annotated[
+        str | None,
+        typer.Option("--dataset", help="Preview an existing dataset version."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="PNG grid to write.")] = Path("preview.png"),
+    count: Annotated[int, typer.Option(min=1, max=1000, help="Lines to show.")] = 12,
+    split: Annotated[str | None, typer.Option(help="train, val or test.")] = None,
+    png_dir: Annotated[
+        Path | None, typer.Option(help="Also write each line as its own PNG here.")
+    ] = None,
+    glyphs: GlyphsOpt = None,
+    emnist_split: SplitOpt = None,
+    corpus: CorpusOpt = None,
+    layout: Annotated[str | None, typer.Option(help="seed or natural.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Write a PNG grid of sample line images with their text.
+
+    From an existing dataset (--dataset URL) or rendered now from settings.
+    """
+    from scribeline.platform import preview as previews
+
+    options = _storage_options(storage_option)
+    try:
+        if dataset_url:
+            samples = previews.samples_from_dataset(dataset_url, count, split, options)
+        else:
+            settings = _settings(
+                {
+                    "glyphs": glyphs,
+                    "emnist_split": emnist_split,
+                    "corpus": corpus,
+                    "seed": seed,
+                    "storage_options": options,
+                    "layout": {"mode": layout},
+                }
+            )
+            samples = previews.samples_from_settings(settings, count, split or "train")
+        previews.write_grid(samples, out)
+        if png_dir is not None:
+            written = previews.write_pngs(samples, png_dir)
+            typer.echo(f"{len(written)} line images -> {png_dir}")
+    except (ScribelineError, FileNotFoundError) as err:
+        raise _fail(str(err)) from err
+    typer.echo(f"{len(samples)} lines -> {out}")
+
+
+@app.command()
+def inspect(
+    dataset_url: Annotated[str, typer.Argument(help="Dataset version URL.")],
+    verify: Annotated[
+        bool, typer.Option(help="Check every shard's size and sha256.")
+    ] = True,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the manifest.")
+    ] = False,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Summarise a dataset version and verify every shard's checksum."""
+    from scribeline.platform import dataset
+
+    options = _storage_options(storage_option)
+    try:
+        manifest = dataset.read_manifest(dataset_url, options)
+        problems = dataset.verify(dataset_url, options) if verify else []
+    except (ScribelineError, FileNotFoundError) as err:
+        raise _fail(str(err)) from err
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2))
+    else:
+        _print_summary(manifest)
+        corpus = manifest["corpus"]
+        console.print(
+            f"created {manifest['created_at']} by scribeline "
+            f"{manifest['scribeline_version']}; layout "
+            f"{manifest['settings']['layout']['mode']}; glyphs "
+            f"{manifest['sources']['glyphs'].get('kind')} "
+            f"({manifest['glyph_bank']['images']:,} images); corpus "
+            f"{manifest['sources']['corpus'].get('kind')} "
+            f"({json.dumps(corpus, separators=(',', ':'))})",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if verify:
+        if problems:
+            for problem in problems:
+                console.print(f"[red]bad shard[/] {problem}", highlight=False)
+            raise _fail(
+                f"{len(problems)} of {len(manifest['shards'])} shards fail "
+                "verification; regenerate the dataset version."
+            )
+        typer.echo(f"verified {len(manifest['shards'])} shards: all checksums match")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

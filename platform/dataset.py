@@ -1,0 +1,632 @@
+"""Dataset versions: Parquet shards of line images and the manifest that lists them.
+
+A dataset version is a folder (any storage URL) holding::
+
+    manifest.json              written last: what the version holds
+    shards/train-00000.parquet one row per line image, zstd
+    shards/val-00000.parquet
+    shards/test-00000.parquet
+
+Columns of a shard (the image is raw ``uint8``, row-major, ``height x width``,
+0 = background, 255 = ink; zstd level 3 stores a 28x896 line in ~2.7 KB)::
+
+    sample_id  string   "<split>-<shard>-<row>", unique in the version
+    split      string   train | val | test
+    text       string   the label, cleaned to the charset
+    image      binary   height * width bytes
+    width      int32
+    height     int32
+    char_spans list<struct<start: int32, end: int32>>  x-span of each character
+
+Shard ``k`` of split ``s`` is rendered from ``(seed, s, k)`` alone, so the same
+settings give the same bytes whatever the number of processes or machines. A
+shard is written under a temporary name and moved into place when complete;
+``manifest.json`` is written after every shard is in place. While a version is
+being written ``_pending.json`` records which version it is, so a rerun after a
+crash finishes only the missing shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import multiprocessing
+import posixpath
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from scribeline import __version__
+from scribeline.platform.corpus import CLEANING_POLICY, Corpus, load_corpus
+from scribeline.platform.errors import DatasetError, StorageError
+from scribeline.platform.glyphs import (
+    CHARSET_VERSION,
+    SPLIT_CODES,
+    GlyphBank,
+    load_glyph_bank,
+)
+from scribeline.platform.render import RenderedLines, Renderer
+from scribeline.platform.settings import SPLITS, GenerateSettings, stable_digest
+from scribeline.platform.storage import (
+    TMP_PREFIX,
+    Location,
+    resolve,
+    sha256_bytes,
+    write_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "scribeline-dataset-v1"
+MANIFEST = "manifest.json"
+PENDING = "_pending.json"
+SHARD_DIR = "shards"
+IMAGE_ENCODING = {
+    "name": "raw-uint8",
+    "layout": "row-major height x width",
+    "ink": 255,
+    "background": 0,
+}
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field(
+            "char_spans",
+            pa.list_(pa.struct([("start", pa.int32()), ("end", pa.int32())])),
+            nullable=False,
+        ),
+    ],
+    metadata={"scribeline.format": FORMAT, "scribeline.image": "raw-uint8"},
+)
+
+
+# --------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard to render: its split, its index within the split, its rows."""
+
+    split: str
+    index: int
+    rows: int
+
+    @property
+    def name(self) -> str:
+        return f"{SHARD_DIR}/{self.split}-{self.index:05d}.parquet"
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What a committed shard holds; returned by workers (never pixels)."""
+
+    name: str
+    split: str
+    rows: int
+    bytes: int
+    sha256: str
+    seconds: float = 0.0
+
+
+def split_line_counts(settings: GenerateSettings) -> dict[str, int]:
+    """Lines per split: val and test fractions of ``lines``, the rest train."""
+    val = round(settings.lines * settings.val_fraction)
+    test = round(settings.lines * settings.test_fraction)
+    return {"train": settings.lines - val - test, "val": val, "test": test}
+
+
+def plan_shards(settings: GenerateSettings) -> list[ShardPlan]:
+    """Every shard of the version, in a fixed order (train, val, test)."""
+    plans = []
+    for split, count in split_line_counts(settings).items():
+        for index in range(math.ceil(count / settings.shard_size)):
+            rows = min(settings.shard_size, count - index * settings.shard_size)
+            plans.append(ShardPlan(split, index, rows))
+    return plans
+
+
+# --------------------------------------------------------------------------
+# Sources: the glyph bank and the corpus, loaded once per process
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Sources:
+    bank: GlyphBank
+    corpus: Corpus
+
+    def describe(self) -> dict[str, Any]:
+        return {"glyphs": self.bank.source, "corpus": self.corpus.source}
+
+
+_SOURCES_CACHE: dict[str, Sources] = {}
+
+
+def load_sources(settings: GenerateSettings) -> Sources:
+    """Load the glyph bank and the corpus the settings name (cached per process)."""
+    key = stable_digest(settings.content_dict())
+    cached = _SOURCES_CACHE.get(key)
+    if cached is not None:
+        return cached
+    bank = load_glyph_bank(settings)
+    corpus = load_corpus(
+        settings.corpus,
+        charset=bank.charset,
+        max_chars=settings.layout.max_chars,
+        val_fraction=settings.val_fraction,
+        test_fraction=settings.test_fraction,
+        overflow=settings.overflow,
+        fmt=settings.corpus_format,
+        storage_options=settings.storage_options,
+    )
+    sources = Sources(bank, corpus)
+    _SOURCES_CACHE.clear()  # one dataset's sources per process is enough
+    _SOURCES_CACHE[key] = sources
+    return sources
+
+
+def dataset_version(settings: GenerateSettings, sources: Sources) -> str:
+    """The content id of a dataset version: settings that shape the shards,
+    the sources' checksums, the charset, the cleaning policy and the format."""
+    return stable_digest(
+        {
+            "format": FORMAT,
+            "settings": settings.content_dict(),
+            "charset": sources.bank.charset,
+            "cleaning_policy": CLEANING_POLICY,
+            "sources": _checksums(sources.describe()),
+        }
+    )
+
+
+def _checksums(obj: Any) -> Any:
+    """Only the sha256 values of a sources description (names may move)."""
+    if isinstance(obj, dict):
+        return {k: _checksums(v) for k, v in obj.items() if k != "name"}
+    if isinstance(obj, list):
+        return [_checksums(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------
+# Rendering and writing one shard
+# --------------------------------------------------------------------------
+
+
+def shard_rng(settings: GenerateSettings, plan: ShardPlan) -> np.random.Generator:
+    """The generator for one shard: from the dataset seed and the shard alone."""
+    return np.random.default_rng([settings.seed, SPLIT_CODES[plan.split], plan.index])
+
+
+def render_shard(
+    settings: GenerateSettings, plan: ShardPlan, sources: Sources
+) -> bytes:
+    """Render one shard and return its Parquet bytes (deterministic)."""
+    rng = shard_rng(settings, plan)
+    pool = sources.corpus.sentences[plan.split]
+    renderer = Renderer(sources.bank, settings.layout, plan.split)
+    picks = rng.integers(0, len(pool), size=plan.rows)
+
+    buffer = io.BytesIO()
+    with pq.ParquetWriter(
+        buffer,
+        SHARD_SCHEMA,
+        compression="zstd",
+        compression_level=settings.compression_level,
+        use_dictionary=["split"],
+        write_statistics=["sample_id", "split", "width", "height"],
+    ) as writer:
+        step = settings.row_group_size
+        for start in range(0, plan.rows, step):
+            texts = [pool[i] for i in picks[start : start + step]]
+            lines = renderer.render(texts, rng)
+            writer.write_table(
+                _to_table(plan, start, texts, lines), row_group_size=step
+            )
+    return buffer.getvalue()
+
+
+def _to_table(
+    plan: ShardPlan, start: int, texts: list[str], lines: RenderedLines
+) -> pa.Table:
+    n, height, _ = lines.images.shape
+    widths = lines.widths
+    if (widths == lines.images.shape[2]).all():
+        data = np.ascontiguousarray(lines.images).reshape(-1)
+    else:  # natural layout: crop each line to its own width
+        data = np.concatenate(
+            [lines.images[i, :, : widths[i]].reshape(-1) for i in range(n)]
+        )
+    sizes = widths.astype(np.int64) * height
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    image = pa.Array.from_buffers(
+        pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    )
+    spans = pa.StructArray.from_arrays(
+        [
+            pa.array(lines.span_starts, pa.int32()),
+            pa.array(lines.span_ends, pa.int32()),
+        ],
+        names=["start", "end"],
+    )
+    char_spans = pa.ListArray.from_arrays(
+        pa.array(lines.span_offsets.astype(np.int32)), spans
+    )
+    ids = [f"{plan.split}-{plan.index:05d}-{start + i:06d}" for i in range(n)]
+    return pa.Table.from_arrays(
+        [
+            pa.array(ids, pa.string()),
+            pa.array([plan.split] * n, pa.string()),
+            pa.array(texts, pa.string()),
+            image,
+            pa.array(widths, pa.int32()),
+            pa.array(np.full(n, height, np.int32)),
+            char_spans.cast(SHARD_SCHEMA.field("char_spans").type),
+        ],
+        schema=SHARD_SCHEMA,
+    )
+
+
+def write_shard(
+    settings: GenerateSettings, plan: ShardPlan, sources: Sources | None = None
+) -> ShardRecord:
+    """Render one shard and commit it to the output URL; return its record.
+
+    This is the unit of work that local processes and Ray tasks run.
+    """
+    started = time.perf_counter()
+    sources = sources or load_sources(settings)
+    data = render_shard(settings, plan, sources)
+    root = resolve(settings.output, settings.storage_options)
+    write_atomic(root.child(plan.name), data)
+    seconds = time.perf_counter() - started
+    logger.debug("committed %s: %d rows, %d bytes", plan.name, plan.rows, len(data))
+    return ShardRecord(
+        plan.name, plan.split, plan.rows, len(data), sha256_bytes(data), seconds
+    )
+
+
+# --------------------------------------------------------------------------
+# A generation job: check the output, find what is left, commit the manifest
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationJob:
+    """A dataset version being written to ``settings.output``."""
+
+    settings: GenerateSettings
+    sources: Sources
+    version: str
+    root: Location
+    plans: list[ShardPlan]
+    done: dict[str, ShardRecord]
+    # The manifest, when the output already holds this version complete.
+    complete: dict[str, Any] | None = None
+
+    @property
+    def todo(self) -> list[ShardPlan]:
+        return [p for p in self.plans if p.name not in self.done]
+
+    def commit(self, records: list[ShardRecord], seconds: float) -> dict[str, Any]:
+        """Write ``manifest.json`` once every planned shard is in place."""
+        by_name = dict(self.done)
+        by_name.update({r.name: r for r in records})
+        missing = [p.name for p in self.plans if p.name not in by_name]
+        if missing:
+            raise DatasetError(
+                f"cannot commit {self.root.url}: {len(missing)} shards are missing "
+                f"(first: {missing[0]}); rerun the same command to finish them."
+            )
+        shards = [by_name[p.name] for p in self.plans]
+        manifest = build_manifest(self, shards, seconds)
+        write_atomic(self.root.child(MANIFEST), json.dumps(manifest, indent=2).encode())
+        with contextlib.suppress(FileNotFoundError):
+            self.root.fs.rm(self.root.child(PENDING).path)
+        logger.info(
+            "dataset version %s committed to %s: %d lines in %d shards",
+            self.version,
+            self.root.url,
+            manifest["totals"]["lines"],
+            len(shards),
+        )
+        return manifest
+
+
+def prepare(
+    settings: GenerateSettings, sources: Sources | None = None
+) -> GenerationJob:
+    """Load the sources, check the output URL and find the shards left to write.
+
+    Raises ``DatasetError`` if the output already holds a different dataset
+    version (or unrelated files), ``StorageError`` if it cannot be written.
+    """
+    sources = sources or load_sources(settings)
+    version = dataset_version(settings, sources)
+    root = resolve(settings.output, settings.storage_options)
+    plans = plan_shards(settings)
+    done: dict[str, ShardRecord] = {}
+
+    existing = _read_json(root.child(MANIFEST))
+    pending = _read_json(root.child(PENDING))
+    if existing is not None:
+        _check_same_version(root, existing.get("dataset_version"), version)
+        done = {s["name"]: ShardRecord(**s) for s in existing["shards"]}
+        return GenerationJob(settings, sources, version, root, plans, done, existing)
+    if pending is not None:
+        _check_same_version(root, pending.get("dataset_version"), version)
+        done = _committed_shards(root, plans)
+        logger.info(
+            "resuming dataset version %s at %s: %d of %d shards already committed",
+            version,
+            root.url,
+            len(done),
+            len(plans),
+        )
+    else:
+        _check_empty(root)
+        write_atomic(
+            root.child(PENDING),
+            json.dumps(
+                {"dataset_version": version, "settings": settings.public_dict()},
+                indent=2,
+            ).encode(),
+        )
+    return GenerationJob(settings, sources, version, root, plans, done)
+
+
+def _read_json(loc: Location) -> dict[str, Any] | None:
+    try:
+        return json.loads(loc.read_bytes())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as err:
+        raise DatasetError(
+            f"{loc.url} is not valid JSON ({err}); it is damaged: delete it and "
+            "generate again."
+        ) from err
+
+
+def _check_same_version(root: Location, found: str | None, version: str) -> None:
+    if found != version:
+        raise DatasetError(
+            f"{root.url} already holds dataset version {found}, made with other "
+            f"settings or sources than this run (version {version}). Choose a new "
+            "--output, or delete that folder to replace it."
+        )
+
+
+def _check_empty(root: Location) -> None:
+    try:
+        entries = root.fs.ls(root.path, detail=False)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise StorageError(f"cannot list {root.url}: {err}") from err
+    if entries and not root.fs.isfile(root.path):
+        raise DatasetError(
+            f"{root.url} is not empty and holds no scribeline dataset "
+            f"({len(entries)} entries, e.g. {posixpath.basename(entries[0])}). "
+            "Choose an empty or new folder for --output."
+        )
+    if entries:
+        raise DatasetError(f"{root.url} is a file; --output must name a folder.")
+
+
+def _committed_shards(root: Location, plans: list[ShardPlan]) -> dict[str, ShardRecord]:
+    """Shards already in place: complete by construction (atomic commit)."""
+    done = {}
+    for plan in plans:
+        loc = root.child(plan.name)
+        if loc.exists():
+            data = loc.read_bytes()
+            done[plan.name] = ShardRecord(
+                plan.name, plan.split, plan.rows, len(data), sha256_bytes(data)
+            )
+    return done
+
+
+def build_manifest(
+    job: GenerationJob, shards: list[ShardRecord], seconds: float
+) -> dict[str, Any]:
+    bank, corpus = job.sources.bank, job.sources.corpus
+    by_split: dict[str, dict[str, int]] = {}
+    for s in shards:
+        entry = by_split.setdefault(s.split, {"lines": 0, "shards": 0, "bytes": 0})
+        entry["lines"] += s.rows
+        entry["shards"] += 1
+        entry["bytes"] += s.bytes
+    lines = sum(s.rows for s in shards)
+    total_bytes = sum(s.bytes for s in shards)
+    return {
+        "format": FORMAT,
+        "dataset_version": job.version,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "scribeline_version": __version__,
+        "settings": job.settings.public_dict(),
+        "charset": {
+            "version": CHARSET_VERSION,
+            "chars": bank.charset,
+            "sha256": sha256_bytes(bank.charset.encode()),
+        },
+        "cleaning_policy": CLEANING_POLICY,
+        "image_encoding": IMAGE_ENCODING,
+        "sources": job.sources.describe(),
+        "glyph_bank": {
+            "images": len(bank.images),
+            "classes": len(bank.class_chars),
+            "by_split": bank.split_counts(),
+        },
+        "corpus": corpus.stats,
+        "shards": [
+            {k: v for k, v in asdict(s).items() if k != "seconds"} for s in shards
+        ],
+        "totals": {
+            "lines": lines,
+            "shards": len(shards),
+            "bytes": total_bytes,
+            "bytes_per_line": round(total_bytes / max(lines, 1), 1),
+            "by_split": by_split,
+        },
+        "generation": {"seconds": round(seconds, 3)},
+    }
+
+
+# --------------------------------------------------------------------------
+# Running a job in this process or in local processes
+# --------------------------------------------------------------------------
+
+
+def generate(
+    settings: GenerateSettings,
+    on_shard: Callable[[ShardRecord, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Generate a dataset version with ``settings.workers`` local processes.
+
+    ``on_shard(record, done, total)`` is called in this process as each shard
+    is committed. Returns the manifest.
+    """
+    started = time.perf_counter()
+    job = prepare(settings)
+    if job.complete is not None:
+        logger.info(
+            "%s already holds dataset version %s, complete; nothing to do",
+            job.root.url,
+            job.version,
+        )
+        return job.complete
+    todo = job.todo
+    total, finished = len(job.plans), len(job.done)
+    logger.info(
+        "dataset version %s: %d shards to write (%d already committed), %d lines",
+        job.version,
+        len(todo),
+        finished,
+        settings.lines,
+    )
+    records = []
+    for record in _run(settings, job, todo):
+        records.append(record)
+        finished += 1
+        if on_shard:
+            on_shard(record, finished, total)
+    return job.commit(records, time.perf_counter() - started)
+
+
+def _run(
+    settings: GenerateSettings, job: GenerationJob, todo: list[ShardPlan]
+) -> Iterator[ShardRecord]:
+    if settings.workers == 1 or len(todo) <= 1:
+        for plan in todo:
+            yield write_shard(settings, plan, job.sources)
+        return
+    # spawn, not fork: the parent may hold threads (progress bars, Prefect).
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(settings.workers, mp_context=ctx) as pool:
+        futures = [pool.submit(write_shard, settings, plan) for plan in todo]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+# --------------------------------------------------------------------------
+# Reading a dataset version
+# --------------------------------------------------------------------------
+
+
+def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> dict:
+    """The manifest of the dataset version at ``url``."""
+    root = resolve(url, storage_options)
+    manifest = _read_json(root.child(MANIFEST))
+    if manifest is None:
+        pending = root.child(PENDING).exists()
+        hint = (
+            "its generation has not finished: rerun the same generate command"
+            if pending
+            else "generate one with `scribeline generate --output URL`"
+        )
+        raise FileNotFoundError(
+            f"no dataset version at {root.url} ({MANIFEST} is missing); {hint}."
+        )
+    if manifest.get("format") != FORMAT:
+        raise DatasetError(
+            f"{root.url} holds format {manifest.get('format')!r}, not {FORMAT!r}; "
+            "regenerate it with this version of scribeline."
+        )
+    return manifest
+
+
+def verify(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Check every shard's size and sha256 against the manifest.
+
+    Returns a list of problems (empty when the version is intact).
+    """
+    root = resolve(url, storage_options)
+    manifest = read_manifest(url, storage_options)
+    problems = []
+    for shard in manifest["shards"]:
+        loc = root.child(shard["name"])
+        try:
+            data = loc.read_bytes()
+        except FileNotFoundError:
+            problems.append(f"{shard['name']}: missing")
+            continue
+        if len(data) != shard["bytes"]:
+            problems.append(
+                f"{shard['name']}: {len(data)} bytes, manifest says {shard['bytes']}"
+            )
+        elif sha256_bytes(data) != shard["sha256"]:
+            problems.append(f"{shard['name']}: sha256 differs from the manifest")
+    return problems
+
+
+def iter_rows(
+    url: str,
+    split: str | None = None,
+    limit: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Rows of a dataset version (optionally one split), images as arrays."""
+    root = resolve(url, storage_options)
+    manifest = read_manifest(url, storage_options)
+    if split is not None and split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+    count = 0
+    for shard in manifest["shards"]:
+        if split is not None and shard["split"] != split:
+            continue
+        with root.fs.open(root.child(shard["name"]).path, "rb") as f:
+            table = pq.read_table(f)
+        for row in table.to_pylist():
+            row["image"] = decode_image(row["image"], row["height"], row["width"])
+            yield row
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+
+def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
+    """A stored image column value -> ``[height, width] uint8``."""
+    return np.frombuffer(data, np.uint8).reshape(height, width)
+
+
+def is_temporary(name: str) -> bool:
+    """Whether an object name is an uncommitted write (never a shard)."""
+    return posixpath.basename(name).startswith(TMP_PREFIX)
