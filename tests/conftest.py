@@ -19,7 +19,6 @@ import pytest
 STATE = Path(tempfile.mkdtemp(prefix="scribeline-test-"))
 os.environ["PREFECT_HOME"] = str(STATE / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["PREFECT_API_URL"] = ""  # never a server from the user's profile
 os.environ["KERAS_HOME"] = str(STATE / "keras")
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 # Ray 2.60 turns token authentication on by default and would write the token
