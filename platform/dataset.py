@@ -495,14 +495,23 @@ def build_manifest(
 # --------------------------------------------------------------------------
 
 
+Runner = Callable[
+    [GenerateSettings, "GenerationJob", list[ShardPlan]], Iterator[ShardRecord]
+]
+
+
 def generate(
     settings: GenerateSettings,
     on_shard: Callable[[ShardRecord, int, int], None] | None = None,
+    runner: Runner | None = None,
 ) -> dict[str, Any]:
-    """Generate a dataset version with ``settings.workers`` local processes.
+    """Generate a dataset version and return its manifest.
 
-    ``on_shard(record, done, total)`` is called in this process as each shard
-    is committed. Returns the manifest.
+    ``runner(settings, job, todo)`` writes the shards in ``todo`` and yields
+    their records as they are committed; the default runs them here or in
+    ``settings.workers`` local processes (``scribeline.workers`` has one for
+    Ray). ``on_shard(record, done, total)`` is called in this process as each
+    shard is committed.
     """
     started = time.perf_counter()
     job = prepare(settings)
@@ -523,7 +532,7 @@ def generate(
         settings.lines,
     )
     records = []
-    for record in _run(settings, job, todo):
+    for record in (runner or local_runner)(settings, job, todo):
         records.append(record)
         finished += 1
         if on_shard:
@@ -531,9 +540,10 @@ def generate(
     return job.commit(records, time.perf_counter() - started)
 
 
-def _run(
+def local_runner(
     settings: GenerateSettings, job: GenerationJob, todo: list[ShardPlan]
 ) -> Iterator[ShardRecord]:
+    """Write shards in this process, or in ``settings.workers`` processes."""
     if settings.workers == 1 or len(todo) <= 1:
         for plan in todo:
             yield write_shard(settings, plan, job.sources)
