@@ -7,13 +7,13 @@ A dataset version is a folder (any storage URL) holding::
     shards/val-00000.parquet
     shards/test-00000.parquet
 
-Columns of a shard (the image is raw ``uint8``, row-major, ``height x width``,
-0 = background, 255 = ink; zstd level 3 stores a 28x896 line in ~2.7 KB)::
+Columns of a shard (the image column is encoded as ``manifest["image_encoding"]``
+says, see ``scribeline.platform.imagecodec``; ``decode_image`` reads it)::
 
     sample_id  string   "<split>-<shard>-<row>", unique in the version
     split      string   train | val | test
     text       string   the label, cleaned to the charset
-    image      binary   height * width bytes
+    image      binary   the line image, gray4 (default) or raw8
     width      int32
     height     int32
     char_spans list<struct<start: int32, end: int32>>  x-span of each character
@@ -47,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scribeline import __version__
+from scribeline.platform import imagecodec
 from scribeline.platform.corpus import CLEANING_POLICY, Corpus, load_corpus
 from scribeline.platform.errors import DatasetError, StorageError
 from scribeline.platform.glyphs import (
@@ -71,13 +72,6 @@ FORMAT = "scribeline-dataset-v1"
 MANIFEST = "manifest.json"
 PENDING = "_pending.json"
 SHARD_DIR = "shards"
-IMAGE_ENCODING = {
-    "name": "raw-uint8",
-    "layout": "row-major height x width",
-    "ink": 255,
-    "background": 0,
-}
-
 SHARD_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),
@@ -92,7 +86,7 @@ SHARD_SCHEMA = pa.schema(
             nullable=False,
         ),
     ],
-    metadata={"scribeline.format": FORMAT, "scribeline.image": "raw-uint8"},
+    metadata={"scribeline.format": FORMAT},
 )
 
 
@@ -238,25 +232,33 @@ def render_shard(
         for start in range(0, plan.rows, step):
             texts = [pool[i] for i in picks[start : start + step]]
             lines = renderer.render(texts, rng)
-            writer.write_table(
-                _to_table(plan, start, texts, lines), row_group_size=step
-            )
+            table = _to_table(plan, start, texts, lines, settings.image_encoding)
+            writer.write_table(table, row_group_size=step)
     return buffer.getvalue()
 
 
 def _to_table(
-    plan: ShardPlan, start: int, texts: list[str], lines: RenderedLines
+    plan: ShardPlan,
+    start: int,
+    texts: list[str],
+    lines: RenderedLines,
+    encoding: imagecodec.ImageEncoding,
 ) -> pa.Table:
     n, height, _ = lines.images.shape
     widths = lines.widths
     if (widths == lines.images.shape[2]).all():
-        data = np.ascontiguousarray(lines.images).reshape(-1)
+        data = imagecodec.encode(lines.images, encoding).reshape(-1)
     else:  # natural layout: crop each line to its own width
         data = np.concatenate(
-            [lines.images[i, :, : widths[i]].reshape(-1) for i in range(n)]
+            [
+                imagecodec.encode(
+                    lines.images[i : i + 1, :, : widths[i]], encoding
+                ).reshape(-1)
+                for i in range(n)
+            ]
         )
-    sizes = widths.astype(np.int64) * height
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    row_bytes = np.array([imagecodec.encoded_width(int(w), encoding) for w in widths])
+    offsets = np.concatenate([[0], np.cumsum(row_bytes * height)]).astype(np.int32)
     image = pa.Array.from_buffers(
         pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
     )
@@ -468,7 +470,7 @@ def build_manifest(
             "sha256": sha256_bytes(bank.charset.encode()),
         },
         "cleaning_policy": CLEANING_POLICY,
-        "image_encoding": IMAGE_ENCODING,
+        "image_encoding": imagecodec.describe(job.settings.image_encoding),
         "sources": job.sources.describe(),
         "glyph_bank": {
             "images": len(bank.images),
@@ -619,22 +621,27 @@ def iter_rows(
     if split is not None and split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}.")
     count = 0
+    encoding = manifest["image_encoding"]["name"]
     for shard in manifest["shards"]:
         if split is not None and shard["split"] != split:
             continue
         with root.fs.open(root.child(shard["name"]).path, "rb") as f:
             table = pq.read_table(f)
         for row in table.to_pylist():
-            row["image"] = decode_image(row["image"], row["height"], row["width"])
+            row["image"] = decode_image(
+                row["image"], row["height"], row["width"], encoding
+            )
             yield row
             count += 1
             if limit is not None and count >= limit:
                 return
 
 
-def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
-    """A stored image column value -> ``[height, width] uint8``."""
-    return np.frombuffer(data, np.uint8).reshape(height, width)
+def decode_image(
+    data: bytes, height: int, width: int, encoding: str = "gray4"
+) -> np.ndarray:
+    """A stored ``image`` value -> ``[height, width] uint8`` (255 = ink)."""
+    return imagecodec.decode(data, height, width, encoding)
 
 
 def is_temporary(name: str) -> bool:

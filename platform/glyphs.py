@@ -156,7 +156,7 @@ def assign_splits(
 def _held_out(n: int, fraction: float) -> int:
     if fraction <= 0:
         return 0
-    k = int(round(n * fraction))
+    k = round(n * fraction)
     return max(k, 1) if n >= 3 else k
 
 

@@ -35,6 +35,8 @@ _SLANT_STEPS = 9
 # Lines composed per numpy call: big enough to amortise the call, small
 # enough that the tiles stay in cache.
 _BLOCK = 256
+# Pixel value above which a column counts as ink when packing glyphs.
+_INK = 48
 
 
 @dataclass
@@ -189,7 +191,8 @@ class Renderer:
         ).reshape(b, n, G, G)
 
         # Ink extent of each warped glyph decides where the next one goes.
-        ink_cols = tiles.max(axis=2) > 0  # [B, n, G]
+        # Soft grey edges (EMNIST and the font bank alike) are not ink here.
+        ink_cols = tiles.max(axis=2) > _INK  # [B, n, G]
         has_ink = ink_cols.any(axis=2)
         left = np.where(has_ink, ink_cols.argmax(axis=2), G // 2)
         right = np.where(has_ink, G - ink_cols[:, :, ::-1].argmax(axis=2), G // 2)
