@@ -37,10 +37,16 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 def textbook(texts: list[str], sources: dataset.Sources, out: Path) -> float:
     """The yardstick: a float64 canvas and a Python paste per character."""
+    started = time.perf_counter()
+    images = textbook_compose(texts, sources)
+    np.save(out, np.stack(images))
+    return time.perf_counter() - started
+
+
+def textbook_compose(texts: list[str], sources: dataset.Sources) -> list[np.ndarray]:
     bank = sources.bank
     rng = np.random.default_rng(0)
     by_class = [np.flatnonzero(bank.classes == c) for c in range(len(bank.class_chars))]
-    started = time.perf_counter()
     images = []
     for text in texts:
         canvas = np.zeros((28, 32 * 28), dtype=np.float64)
@@ -51,8 +57,7 @@ def textbook(texts: list[str], sources: dataset.Sources, out: Path) -> float:
             glyph = bank.images[choices[rng.integers(len(choices))]]
             canvas[:, k * 28 : (k + 1) * 28] = glyph / 255.0
         images.append(canvas)
-    np.save(out, np.stack(images))
-    return time.perf_counter() - started
+    return images
 
 
 def main() -> None:
@@ -61,6 +66,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=10_000)
     parser.add_argument("--textbook-lines", type=int, default=2_000)
     parser.add_argument("--layout", default="seed", choices=["seed", "natural"])
+    parser.add_argument("--encoding", default="gray4", choices=["gray4", "raw8"])
     args = parser.parse_args()
 
     real = (SHARED / "emnist").is_dir()
@@ -74,6 +80,7 @@ def main() -> None:
             f"{SHARED}/wikisplit/test.tsv,{SHARED}/wikisplit/tune.tsv" if real else None
         ),
         layout={"mode": args.layout},
+        image_encoding=args.encoding,
         workers=1,
     )
     print(f"data: {'EMNIST byclass + WikiSplit' if real else 'embedded default'}")
@@ -83,9 +90,10 @@ def main() -> None:
     sources = dataset.load_sources(settings)
     load_s = time.perf_counter() - started
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     manifest = dataset.generate(settings)
     gen_s = time.perf_counter() - started
+    gen_cpu = time.process_time() - cpu
     lines = manifest["totals"]["lines"]
     bytes_per_line = manifest["totals"]["bytes"] / lines
 
@@ -93,22 +101,52 @@ def main() -> None:
     picks = np.random.default_rng(1).integers(0, len(pool), args.textbook_lines)
     texts = [pool[i] for i in picks]
     tb_file = work / "textbook.npy"
+    cpu = time.process_time()
     tb_s = textbook(texts, sources, tb_file)
+    tb_cpu = time.process_time() - cpu
     tb_rate = args.textbook_lines / tb_s
     tb_bytes = tb_file.stat().st_size / args.textbook_lines
 
-    rate = lines / gen_s
+    # Composing alone (pick glyphs + compose, no encoding or writing), both ways.
+    from scribeline.platform.render import Renderer
+
+    renderer = Renderer(sources.bank, settings.layout, "train")
+    rng = np.random.default_rng(2)
+    many = [pool[i] for i in rng.integers(0, len(pool), 20_000)]
+    cpu = time.process_time()
+    for start in range(0, len(many), 1024):
+        renderer.render(many[start : start + 1024], rng)
+    compose_rate = len(many) / (time.process_time() - cpu)
+    cpu = time.process_time()
+    textbook_compose(texts, sources)
+    tb_compose_rate = len(texts) / (time.process_time() - cpu)
+
+    rate, cpu_rate = lines / gen_s, lines / gen_cpu
+    tb_cpu_rate = args.textbook_lines / tb_cpu
     print(f"sources loaded once:      {load_s:8.2f} s")
-    print(f"{'':26}{'lines':>10}{'seconds':>10}{'lines/s':>10}{'bytes/line':>12}")
+    header = ("lines", "wall s", "lines/s", "CPU lines/s", "bytes/line")
+    print(f"{'':22}" + "".join(f"{h:>12}" for h in header))
+    for name, n, secs, r, cr, b in (
+        ("scribeline (1 core)", lines, gen_s, rate, cpu_rate, bytes_per_line),
+        (
+            "textbook (1 core)",
+            args.textbook_lines,
+            tb_s,
+            tb_rate,
+            tb_cpu_rate,
+            tb_bytes,
+        ),
+    ):
+        print(f"{name:22}{n:>12,}{secs:>12.2f}{r:>12,.0f}{cr:>12,.0f}{b:>12,.0f}")
     print(
-        f"{'scribeline (1 core)':26}{lines:>10,}{gen_s:>10.2f}"
-        f"{rate:>10,.0f}{bytes_per_line:>12,.0f}"
+        f"speed ratio {rate / tb_rate:,.0f}x wall, {cpu_rate / tb_cpu_rate:,.0f}x CPU; "
+        f"size ratio {tb_bytes / bytes_per_line:,.0f}x; encoding "
+        f"{manifest['image_encoding']['name']}"
     )
     print(
-        f"{'textbook (1 core)':26}{args.textbook_lines:>10,}{tb_s:>10.2f}"
-        f"{tb_rate:>10,.0f}{tb_bytes:>12,.0f}"
+        f"composing only (CPU): {compose_rate:,.0f} vs {tb_compose_rate:,.0f} "
+        f"lines/s = {compose_rate / tb_compose_rate:,.0f}x"
     )
-    print(f"speed ratio: {rate / tb_rate:,.0f}x   size ratio: {tb_bytes / bytes_per_line:,.0f}x")
     shutil.rmtree(work)
 
 

@@ -216,7 +216,9 @@ def render_shard(
     """Render one shard and return its Parquet bytes (deterministic)."""
     rng = shard_rng(settings, plan)
     pool = sources.corpus.sentences[plan.split]
-    renderer = Renderer(sources.bank, settings.layout, plan.split)
+    renderer = Renderer(
+        sources.bank, settings.layout, plan.split, settings.image_encoding
+    )
     picks = rng.integers(0, len(pool), size=plan.rows)
 
     buffer = io.BytesIO()
@@ -246,18 +248,16 @@ def _to_table(
 ) -> pa.Table:
     n, height, _ = lines.images.shape
     widths = lines.widths
-    if (widths == lines.images.shape[2]).all():
-        data = imagecodec.encode(lines.images, encoding).reshape(-1)
-    else:  # natural layout: crop each line to its own width
-        data = np.concatenate(
-            [
-                imagecodec.encode(
-                    lines.images[i : i + 1, :, : widths[i]], encoding
-                ).reshape(-1)
-                for i in range(n)
-            ]
-        )
+    images = lines.images
+    if lines.encoding != encoding:
+        images = imagecodec.encode(images, encoding)
     row_bytes = np.array([imagecodec.encoded_width(int(w), encoding) for w in widths])
+    if (row_bytes == images.shape[2]).all():
+        data = images.reshape(-1)
+    else:  # natural layout: each line keeps its own width
+        data = np.concatenate(
+            [images[i, :, : row_bytes[i]].reshape(-1) for i in range(n)]
+        )
     offsets = np.concatenate([[0], np.cumsum(row_bytes * height)]).astype(np.int32)
     image = pa.Array.from_buffers(
         pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]

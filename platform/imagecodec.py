@@ -55,7 +55,20 @@ def encode(images: np.ndarray, encoding: ImageEncoding) -> np.ndarray:
     if encoding == "raw8":
         return np.ascontiguousarray(images)
     _check(encoding)
-    levels = _TO_LEVEL[images]
+    return pack_levels(to_levels(images))
+
+
+def to_levels(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> gray4 levels 0..15 (nearest ``level * 17``).
+
+    Monotone, so ``to_levels(max(a, b)) == max(to_levels(a), to_levels(b))``:
+    the renderer can quantise the glyph bank once and compose in levels.
+    """
+    return _TO_LEVEL[images]
+
+
+def pack_levels(levels: np.ndarray) -> np.ndarray:
+    """Levels ``[..., width]`` -> bytes ``[..., ceil(width / 2)]``, left pixel high."""
     if levels.shape[-1] % 2:
         levels = np.pad(levels, [(0, 0)] * (levels.ndim - 1) + [(0, 1)])
     return (levels[..., 0::2] << 4) | levels[..., 1::2]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scribeline.platform import imagecodec
 from scribeline.platform.errors import SettingsError
 from scribeline.platform.glyphs import GLYPH_SIZE, GlyphBank
 from scribeline.platform.settings import LayoutSettings
@@ -35,8 +36,10 @@ _SLANT_STEPS = 9
 # Lines composed per numpy call: big enough to amortise the call, small
 # enough that the tiles stay in cache.
 _BLOCK = 256
-# Pixel value above which a column counts as ink when packing glyphs.
-_INK = 48
+# A column counts as ink when a pixel reaches 43 (gray4 level 3): the same
+# test in both encodings, so the layout does not depend on the encoding.
+_INK_RAW8 = 43
+_INK_LEVEL = 3
 
 
 @dataclass
@@ -50,6 +53,9 @@ class RenderedLines:
         span_offsets: ``[B + 1] int64``: line ``i``'s characters are
             ``span_starts[span_offsets[i]:span_offsets[i + 1]]``.
         span_starts / span_ends: ``int32`` x-span of every character.
+        encoding: ``raw8``: ``images`` are pixels; ``gray4``: ``images`` are
+            already encoded as stored (``imagecodec``), ``encoded_width(w)``
+            bytes a row.
     """
 
     images: np.ndarray
@@ -57,21 +63,53 @@ class RenderedLines:
     span_offsets: np.ndarray
     span_starts: np.ndarray
     span_ends: np.ndarray
+    encoding: str = "raw8"
 
 
 class Renderer:
-    """Renders texts (already cleaned to ``bank.charset``) for one split."""
+    """Renders texts (already cleaned to ``bank.charset``) for one split.
 
-    def __init__(self, bank: GlyphBank, layout: LayoutSettings, split: str) -> None:
+    ``encoding="gray4"`` returns lines already encoded for storage: the glyph
+    bank is quantised to gray4 levels once (quantising commutes with the
+    saturating max), and in the seed layout with an even slot width the glyphs
+    are packed two pixels a byte up front, so composing a line is the same
+    gather over half the bytes and no encoding pass is left to do.
+    """
+
+    def __init__(
+        self,
+        bank: GlyphBank,
+        layout: LayoutSettings,
+        split: str,
+        encoding: imagecodec.ImageEncoding = "raw8",
+    ) -> None:
         self.bank = bank
         self.layout = layout
         self.split = split
+        self.encoding = encoding
         self.charset = bank.charset
         self.offsets, self.counts, self.flat = bank.pools(split)
         # Glyph stack with a blank image at index 0 for spaces and padding.
         self.stack = np.concatenate(
             [np.zeros((1, G, G), np.uint8), bank.images.astype(np.uint8, copy=False)]
         )
+        if encoding == "gray4":
+            self.stack = _cached(
+                bank, ("levels",), lambda: imagecodec.to_levels(self.stack)
+            )
+        if layout.mode == "seed":
+            # Glyphs fitted to the slot width once, packed when storing gray4.
+            slot = layout.slot_width
+            self._packed = encoding == "gray4" and slot % 2 == 0
+            self._tiles = _cached(
+                bank,
+                ("tiles", encoding, slot),
+                lambda: (
+                    imagecodec.pack_levels(_fit_slot(self.stack, slot))
+                    if self._packed
+                    else _fit_slot(self.stack, slot)
+                ),
+            )
         # Byte -> charset position; 255 marks a byte outside the charset.
         self.lut = np.full(256, 255, np.uint8)
         for i, char in enumerate(self.charset):
@@ -148,14 +186,15 @@ class Renderer:
         b, n = glyphs.shape
         slot, h = self.layout.slot_width, self.layout.height
         top = (h - G) // 2
-        images = np.zeros((b, h, n * slot), np.uint8)
+        tile_w = self._tiles.shape[2]
+        images = np.zeros((b, h, n * tile_w), np.uint8)
         for i in range(0, b, _BLOCK):
-            tiles = self.stack[glyphs[i : i + _BLOCK]]  # [block, n, G, G]
-            if slot != G:
-                tiles = _fit_slot(tiles, slot)
+            tiles = self._tiles[glyphs[i : i + _BLOCK]]  # [block, n, G, tile_w]
             images[i : i + _BLOCK, top : top + G] = tiles.transpose(0, 2, 1, 3).reshape(
-                len(tiles), G, n * slot
+                len(tiles), G, n * tile_w
             )
+        if self.encoding == "gray4" and not self._packed:
+            images = imagecodec.pack_levels(images)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         k = np.arange(int(lengths.sum())) - np.repeat(offsets[:-1], lengths)
         starts = (k * slot).astype(np.int32)
@@ -165,6 +204,7 @@ class Renderer:
             span_offsets=offsets.astype(np.int64),
             span_starts=starts,
             span_ends=starts + slot,
+            encoding=self.encoding,
         )
 
     def _natural(
@@ -192,7 +232,8 @@ class Renderer:
 
         # Ink extent of each warped glyph decides where the next one goes.
         # Soft grey edges (EMNIST and the font bank alike) are not ink here.
-        ink_cols = tiles.max(axis=2) > _INK  # [B, n, G]
+        ink = _INK_LEVEL if self.encoding == "gray4" else _INK_RAW8
+        ink_cols = tiles.max(axis=2) >= ink  # [B, n, G]
         has_ink = ink_cols.any(axis=2)
         left = np.where(has_ink, ink_cols.argmax(axis=2), G // 2)
         right = np.where(has_ink, G - ink_cols[:, :, ::-1].argmax(axis=2), G // 2)
@@ -244,14 +285,27 @@ class Renderer:
             np.arange(images.shape[2])[None, None, :] < widths[:, None, None]
         )
 
+        images = images.astype(np.uint8)
+        if self.encoding == "gray4":
+            images = imagecodec.pack_levels(images)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         starts = cursor[valid].astype(np.int32)
         ends = span_end[valid].astype(np.int32)
-        return RenderedLines(images.astype(np.uint8), widths, offsets, starts, ends)
+        return RenderedLines(images, widths, offsets, starts, ends, self.encoding)
+
+
+def _cached(bank: GlyphBank, key: tuple, make):
+    """Per-bank cache of prepared glyph stacks (one build per process)."""
+    cache = bank.__dict__.setdefault("_render_cache", {})
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
 
 
 def _fit_slot(tiles: np.ndarray, slot: int) -> np.ndarray:
     """Crop (slot < 28) or pad (slot > 28) each glyph box horizontally, centred."""
+    if slot == G:
+        return tiles
     if slot < G:
         cut = (G - slot) // 2
         return tiles[..., cut : cut + slot]
