@@ -162,14 +162,34 @@ def generate(
     val_fraction: Annotated[float | None, typer.Option()] = None,
     test_fraction: Annotated[float | None, typer.Option()] = None,
     workers: Annotated[
-        int | None, typer.Option(help="Local processes (same output for any).")
+        int | None,
+        typer.Option(
+            help="Processes, or Ray workers with --ray-address (same output)."
+        ),
     ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Write shards on Ray: 'local' starts a local cluster, 'auto' or "
+            "ray://host:10001 joins one."
+        ),
+    ] = None,
+    prefect: Annotated[
+        bool,
+        typer.Option(
+            "--prefect",
+            help="Run as the Prefect flow generate-dataset (progress, summary and "
+            "samples in the Prefect UI at PREFECT_API_URL).",
+        ),
+    ] = False,
     storage_option: StorageOpt = None,
 ) -> None:
     """Generate a dataset version: line images in Parquet shards + manifest.json.
 
     With no --glyphs and no --corpus it uses the embedded default (handwriting
-    fonts and the pyjokes corpus), which needs no download.
+    fonts and the pyjokes corpus), which needs no download. The plain run uses
+    this process (or --workers local processes); --ray-address spreads shards
+    over a Ray cluster; --prefect runs it as a Prefect flow.
     """
     from scribeline.platform import dataset
 
@@ -190,20 +210,38 @@ def generate(
             "layout": {"mode": layout, "max_chars": max_chars, "height": height},
         }
     )
+    address = None if ray_address in (None, "local") else ray_address
+    try:
+        if prefect:
+            from scribeline.flows.generate import run_generate_flow
+
+            manifest = run_generate_flow(
+                settings,
+                runner="ray" if ray_address else "local",
+                ray_address=address,
+                workers=settings.workers,
+            )
+        else:
+            runner = None
+            if ray_address:
+                from scribeline.workers.generate import RayRunner
+
+                runner = RayRunner(address=address, num_workers=settings.workers)
+            manifest = _generate_with_progress(dataset, settings, runner)
+    except (ScribelineError, FileNotFoundError) as err:
+        raise _fail(str(err)) from err
+    _print_summary(manifest)
+    typer.echo(f"dataset version {manifest['dataset_version']} -> {settings.output}")
+
+
+def _generate_with_progress(dataset: Any, settings: Any, runner: Any) -> dict:
     with _progress() as progress:
         task = progress.add_task("shards", total=None)
 
         def on_shard(record: Any, done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        try:
-            manifest = dataset.generate(settings, on_shard=on_shard)
-        except ScribelineError as err:
-            raise _fail(str(err)) from err
-        except FileNotFoundError as err:
-            raise _fail(str(err)) from err
-    _print_summary(manifest)
-    typer.echo(f"dataset version {manifest['dataset_version']} -> {settings.output}")
+        return dataset.generate(settings, on_shard=on_shard, runner=runner)
 
 
 def _progress() -> Progress:
@@ -342,6 +380,14 @@ def inspect(
             )
         typer.echo(f"verified {len(manifest['shards'])} shards: all checksums match")
 
+
+def _register_commands() -> None:
+    from scribeline.deploy_cmd import register as register_deploy
+
+    register_deploy(app)
+
+
+_register_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -164,3 +164,11 @@ def test_fresh_clone_runs_the_embedded_default(tmp_path):
     )
     assert manifest["totals"]["lines"] == 200
     assert not any(home.iterdir()), "the run wrote into the home directory"
+
+
+@pytest.mark.slow
+def test_generate_as_a_prefect_flow(tmp_path, prefect_harness):
+    out = tmp_path / "ds"
+    result = run("generate", "--prefect", "-o", str(out), "-n", "40")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["totals"]["lines"] == 40
