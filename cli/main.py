@@ -383,8 +383,10 @@ def inspect(
 
 def _register_commands() -> None:
     from scribeline.deploy_cmd import register as register_deploy
+    from scribeline.stack_cmd import register as register_stack
 
     register_deploy(app)
+    register_stack(app)
 
 
 _register_commands()
