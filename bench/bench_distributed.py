@@ -62,6 +62,7 @@ from scribeline.workers.generate import RayRunner, configure_token_auth  # noqa:
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BUCKET = "bench"
+RAY_TEMP_DIRS: list[str] = []  # removed at exit with STATE
 
 
 # --------------------------------------------------------------------------
@@ -198,10 +199,13 @@ def start_ray(num_cpus: int, bench: Bench) -> float:
 
     configure_token_auth(create=True)
     started = time.perf_counter()
+    # Not under STATE: Ray's socket paths must stay under 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp")
+    RAY_TEMP_DIRS.append(temp_dir)
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
-        _temp_dir=tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp"),
+        _temp_dir=temp_dir,
         log_to_driver=False,
         configure_logging=False,
     )
@@ -247,7 +251,8 @@ def main() -> None:
             print_table(bench, startup)
         if args.dispatch or args.dispatch_only:
             compare_dispatch(bench)
-    shutil.rmtree(STATE, ignore_errors=True)
+    for folder in [STATE, *RAY_TEMP_DIRS]:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_matrix(bench: Bench, args: argparse.Namespace) -> dict[str, float]:
