@@ -29,6 +29,7 @@ crash finishes only the missing shards.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -72,6 +73,9 @@ FORMAT = "scribeline-dataset-v1"
 MANIFEST = "manifest.json"
 PENDING = "_pending.json"
 SHARD_DIR = "shards"
+# While a version is being written, each committed shard's record (rows,
+# bytes, sha256) lands here, so a resume reads small files, not every shard.
+RECORD_DIR = "_records"
 SHARD_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),
@@ -299,11 +303,17 @@ def write_shard(
     data = render_shard(settings, plan, sources)
     root = resolve(settings.output, settings.storage_options)
     write_atomic(root.child(plan.name), data)
+    record = ShardRecord(
+        plan.name, plan.split, plan.rows, len(data), sha256_bytes(data)
+    )
+    write_atomic(_record_location(root, plan), json.dumps(asdict(record)).encode())
     seconds = time.perf_counter() - started
     logger.debug("committed %s: %d rows, %d bytes", plan.name, plan.rows, len(data))
-    return ShardRecord(
-        plan.name, plan.split, plan.rows, len(data), sha256_bytes(data), seconds
-    )
+    return dataclasses.replace(record, seconds=seconds)
+
+
+def _record_location(root: Location, plan: ShardPlan) -> Location:
+    return root.child(RECORD_DIR, posixpath.basename(plan.name) + ".json")
 
 
 # --------------------------------------------------------------------------
@@ -343,6 +353,7 @@ class GenerationJob:
         write_atomic(self.root.child(MANIFEST), json.dumps(manifest, indent=2).encode())
         with contextlib.suppress(FileNotFoundError):
             self.root.fs.rm(self.root.child(PENDING).path)
+        self._clean_up()
         logger.info(
             "dataset version %s committed to %s: %d lines in %d shards",
             self.version,
@@ -351,6 +362,29 @@ class GenerationJob:
             len(shards),
         )
         return manifest
+
+    def _clean_up(self) -> None:
+        """Remove shard records and temporary objects left by killed writers.
+
+        Readers never take either for a shard; this only tidies the folder.
+        """
+        fs = self.root.fs
+        try:
+            leftovers = [
+                n
+                for n in fs.ls(self.root.child(SHARD_DIR).path, detail=False)
+                if is_temporary(n)
+            ]
+        except FileNotFoundError:
+            leftovers = []
+        records = self.root.child(RECORD_DIR).path
+        for name, recursive in [(n, False) for n in leftovers] + [(records, True)]:
+            try:
+                fs.rm(name, recursive=recursive)
+            except FileNotFoundError:
+                pass
+            except OSError as err:  # tidying only: the version is committed
+                logger.warning("could not remove leftover %s: %s", name, err)
 
 
 def prepare(
@@ -434,15 +468,33 @@ def _check_empty(root: Location) -> None:
 
 
 def _committed_shards(root: Location, plans: list[ShardPlan]) -> dict[str, ShardRecord]:
-    """Shards already in place: complete by construction (atomic commit)."""
+    """Shards already in place (complete by construction: atomic commit).
+
+    One listing finds them; their records come from the small files written
+    after each shard. A shard whose record is missing (a writer killed between
+    the two writes) is read back and checksummed.
+    """
+    try:
+        present = {
+            posixpath.basename(p)
+            for p in root.fs.ls(root.child(SHARD_DIR).path, detail=False)
+        }
+    except FileNotFoundError:
+        return {}
     done = {}
     for plan in plans:
-        loc = root.child(plan.name)
-        if loc.exists():
-            data = loc.read_bytes()
-            done[plan.name] = ShardRecord(
+        if posixpath.basename(plan.name) not in present:
+            continue
+        try:
+            record = ShardRecord(
+                **json.loads(_record_location(root, plan).read_bytes())
+            )
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            data = root.child(plan.name).read_bytes()
+            record = ShardRecord(
                 plan.name, plan.split, plan.rows, len(data), sha256_bytes(data)
             )
+        done[plan.name] = record
     return done
 
 
@@ -534,11 +586,14 @@ def generate(
         settings.lines,
     )
     records = []
-    for record in (runner or local_runner)(settings, job, todo):
-        records.append(record)
-        finished += 1
-        if on_shard:
-            on_shard(record, finished, total)
+    # closing(): an error here (in on_shard, say) stops the runner at once, so
+    # it can cancel work in flight and shut down a cluster it started.
+    with contextlib.closing((runner or local_runner)(settings, job, todo)) as stream:
+        for record in stream:
+            records.append(record)
+            finished += 1
+            if on_shard:
+                on_shard(record, finished, total)
     return job.commit(records, time.perf_counter() - started)
 
 
@@ -626,15 +681,16 @@ def iter_rows(
         if split is not None and shard["split"] != split:
             continue
         with root.fs.open(root.child(shard["name"]).path, "rb") as f:
-            table = pq.read_table(f)
-        for row in table.to_pylist():
-            row["image"] = decode_image(
-                row["image"], row["height"], row["width"], encoding
-            )
-            yield row
-            count += 1
-            if limit is not None and count >= limit:
-                return
+            # Row group by row group: a preview of 8 lines reads one group.
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=256):
+                for row in batch.to_pylist():
+                    row["image"] = decode_image(
+                        row["image"], row["height"], row["width"], encoding
+                    )
+                    yield row
+                    count += 1
+                    if limit is not None and count >= limit:
+                        return
 
 
 def decode_image(
