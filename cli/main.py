@@ -384,7 +384,9 @@ def inspect(
 def _register_commands() -> None:
     from scribeline.deploy_cmd import register as register_deploy
     from scribeline.stack_cmd import register as register_stack
+    from scribeline.train_cmd import register as register_train
 
+    register_train(app)
     register_deploy(app)
     register_stack(app)
 

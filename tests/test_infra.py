@@ -537,6 +537,9 @@ def test_images_agree_with_the_package_version_and_are_pinned() -> None:
 
 def test_dockerfiles_install_scribeline_with_the_lock_file() -> None:
     version = "3.11"
+    # The CPU image brings TensorFlow through the `train` extra; the GPU image
+    # has its own TensorFlow and takes the rest through `train-libs`.
+    extras = {DOCKERFILE: "train", DOCKERFILE_GPU: "train-libs"}
     for path in (DOCKERFILE, DOCKERFILE_GPU):
         steps = dockerfile_instructions(path)
         kinds = [kind for kind, _ in steps]
@@ -548,7 +551,9 @@ def test_dockerfiles_install_scribeline_with_the_lock_file() -> None:
         copies = " ".join(a for k, a in steps if k == "COPY")
         assert "requirements.lock" in copies, path
         runs = " ".join(a for k, a in steps if k == "RUN")
-        assert re.search(r"pip install -c requirements\.lock \.(\s|$)", runs), path
+        extra = re.escape(f'".[{extras[path]}]"')
+        install = rf"pip install -c requirements\.lock {extra}(\s|$)"
+        assert re.search(install, runs), path
         assert "pip check" in runs, path
         assert any(k == "USER" for k in kinds), f"{path.name} runs as root"
     (cpu_base,) = [a for k, a in dockerfile_instructions(DOCKERFILE) if k == "FROM"]
