@@ -5,19 +5,26 @@ fsspec URL), detokenizes WikiSplit, cleans every sentence to the charset, fits i
 to ``max_chars``, drops duplicates and assigns each sentence to train, val or test
 by a stable hash. With no corpus it falls back to the jokes shipped in ``pyjokes``.
 
-Cleaning policy ``clean-v1`` (any change to these rules needs a new version
-string, because it changes the text of every dataset version built with it):
+Cleaning policy ``clean-v2`` (any change to these rules needs a new version
+string, because it changes the text of every dataset version built with it;
+``clean-v1`` romanized every script, which put words into labels that the
+sentence never held, e.g. an emoji became ``snake``):
 
-1. Fold: every character that is neither ASCII nor in the charset is replaced
-   by its ``anyascii`` transliteration (``é`` -> ``e``, ``ß`` -> ``ss``, curly
-   quotes -> straight quotes, en/em dashes and the minus sign -> ``-``, ``£`` ->
-   ``GBP``, non-Latin scripts -> their romanization, anything without one ->
-   nothing).
+1. Fold: a character that is neither ASCII nor in the charset becomes its plain
+   form where one exists, and nothing otherwise: accents are stripped by
+   Unicode decomposition (``é`` -> ``e``, ``²`` -> ``2``, ``ﬁ`` -> ``fi``); a
+   short table covers Latin letters and punctuation that do not decompose
+   (``ß`` -> ``ss``, ``æ`` -> ``ae``, ``ø`` -> ``o``, ``ł`` -> ``l``, curly
+   quotes -> straight quotes, en/em dashes and the minus sign -> ``-``); any
+   other Latin letter is transliterated by ``anyascii``; everything else (other
+   scripts, symbols, emoji) is dropped.
 2. Whitespace (ASCII whitespace, and non-ASCII spaces once folded) becomes a space.
 3. Separators ``-``, ``/`` and ``_`` become a space when the charset lacks them,
    so that ``well-known`` becomes ``well known``, not ``wellknown``.
 4. Every other character not in the charset is dropped. The space is always
-   kept: it separates words whether or not the charset lists it.
+   kept: it separates words whether or not the charset lists it. Where a
+   character was dropped, a space left before ``, . ; : ! ? ) ] }`` or after
+   ``( [ {`` goes, and so do brackets left empty.
 5. Runs of spaces collapse to one; leading and trailing spaces go. A sentence
    left empty is dropped.
 6. A sentence longer than ``max_chars``: ``cut`` keeps the longest prefix that
@@ -31,7 +38,10 @@ string, because it changes the text of every dataset version built with it):
    key's ``blake2b`` digest (``digest_size=8``, big-endian, divided by 2**64)
    gives ``u`` in [0, 1): ``u < test_fraction`` is test, ``u < test_fraction +
    val_fraction`` is val, anything else train. All lines of one sentence go to
-   one split, and equal lines from ``cut`` can never land in two splits.
+   one split, and equal lines from ``cut`` can never land in two splits. With
+   ``wrap``, two different sentences can share a line (``2008``): such a line
+   is removed from val and test when train has it, and from test when val has
+   it (counted as ``cross_split_lines``).
 
 WikiSplit detokenization (``detokenize``) runs before cleaning, for WikiSplit
 input only, and is part of the policy too. Its rules, in order: two backticks
@@ -48,11 +58,13 @@ digit.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import posixpath
 import re
 import time
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -64,7 +76,7 @@ from scribeline.platform.storage import resolve, sha256_bytes
 
 logger = logging.getLogger(__name__)
 
-CLEANING_POLICY = "clean-v1"
+CLEANING_POLICY = "clean-v2"
 SPLIT_NAMES = ("train", "val", "test")
 WIKISPLIT_SEPARATOR = "<::::>"
 WIKISPLIT_URL = "https://github.com/google-research-datasets/wiki-split"
@@ -101,7 +113,7 @@ def _possessive(match: re.Match[str]) -> str:
 
 def detokenize(text: str) -> str:
     """Undo WikiSplit's tokenization: ``Bob 's car , he said .`` -> ``Bob's car,
-    he said.`` (rules in the module docstring, part of ``clean-v1``)."""
+    he said.`` (rules in the module docstring, part of ``clean-v2``)."""
     t = " " + " ".join(text.split()) + " "
 
     # Quotes first: pairing needs every quote still a separate token. A quote
@@ -164,7 +176,7 @@ class _Cleaner:
         if text.isascii():
             return text
         return "".join(
-            c if c.isascii() or c in self.charset else anyascii(c) for c in text
+            c if c.isascii() or c in self.charset else _fold_char(c) for c in text
         )
 
     def text(self, folded: str) -> tuple[str, int]:
@@ -173,6 +185,47 @@ class _Cleaner:
         # Whitespace and separators map to one space each, the rest to nothing.
         dropped = len(folded) - len(kept)
         return " ".join(kept.split()), dropped
+
+    @staticmethod
+    def tidy(text: str) -> str:
+        """After a drop: no "spelling , which", "( Cir" or "( )" left behind."""
+        text = " ".join(_EMPTY_BRACKETS.sub(" ", text).split())
+        return _SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", text))
+
+
+# Latin letters and punctuation with a plain form that Unicode decomposition
+# does not give.
+_FOLD = {
+    "ß": "ss", "ẞ": "SS", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE",
+    "ø": "o", "Ø": "O", "ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "ð": "d",
+    "Ð": "D", "þ": "th", "Þ": "Th", "ı": "i", "ħ": "h", "Ħ": "H",
+    "‘": "'", "’": "'", "‚": "'", "‛": "'", "′": "'", "`": "'",
+    "“": '"', "”": '"', "„": '"', "‟": '"', "″": '"', "«": '"', "»": '"',
+    "‐": "-", "‑": "-", "‒": "-", "–": "-", "—": "-", "―": "-", "−": "-",
+    "…": "...", "⁄": "/",
+}  # fmt: skip
+
+
+_SPACE_BEFORE = re.compile(r" ([,.;:!?)\]}])")
+_SPACE_AFTER = re.compile(r"([(\[{]) ")
+_EMPTY_BRACKETS = re.compile(r"\(\s*[,;:]?\s*\)|\[\s*\]")
+
+
+@functools.lru_cache(maxsize=4096)
+def _fold_char(char: str) -> str:
+    """The plain ASCII form of one character, or "" when it has none."""
+    if char.isspace():
+        return " "
+    if char in _FOLD:
+        return _FOLD[char]
+    base = "".join(
+        c for c in unicodedata.normalize("NFKD", char) if not unicodedata.combining(c)
+    )
+    if base.isascii():
+        return base
+    if unicodedata.name(char, "").startswith("LATIN "):
+        return anyascii(char)
+    return ""
 
 
 def _fit(text: str, max_chars: int, overflow: str) -> list[str]:
@@ -213,11 +266,14 @@ def clean(text: str, charset: str, max_chars: int, overflow: str = "cut") -> lis
     """Clean one sentence to ``charset`` and fit it to lines of ``max_chars``.
 
     Returns the lines (one for ``cut``, one or more for ``wrap``), or ``[]``
-    when nothing drawable is left. Rules: ``clean-v1`` in the module docstring.
+    when nothing drawable is left. Rules: ``clean-v2`` in the module docstring.
     """
     _check_overflow(overflow, max_chars)
     cleaner = _Cleaner.for_charset(charset)
-    cleaned, _ = cleaner.text(cleaner.fold(text))
+    folded = cleaner.fold(text)
+    cleaned, lost = cleaner.text(folded)
+    if lost or len(folded) < len(text):
+        cleaned = cleaner.tidy(cleaned)
     return _fit(cleaned, max_chars, overflow) if cleaned else []
 
 
@@ -368,7 +424,7 @@ def load_corpus(
     fmt: str = "auto",
     storage_options: dict[str, Any] | None = None,
 ) -> Corpus:
-    """Read, clean, dedupe and split a corpus (policy ``clean-v1``).
+    """Read, clean, dedupe and split a corpus (policy ``clean-v2``).
 
     Args:
         urls: a path or fsspec URL, several separated by commas, a list of them,
@@ -476,6 +532,8 @@ def _clean_all(
         folded_count += folded != sentence
         text, lost = cleaner.text(folded)
         dropped += lost
+        if lost or len(folded) < len(sentence):
+            text = cleaner.tidy(text)
         if not text:
             empty += 1
             continue
@@ -489,6 +547,14 @@ def _clean_all(
             continue
         seen.add(key)
         lines[split_of(key, val_fraction, test_fraction)].extend(fitted)
+    # Under wrap two sentences can share a line: evaluation must not see a
+    # line that training saw.
+    cross = 0
+    for earlier, later in (("train", "val"), ("train", "test"), ("val", "test")):
+        known = set(lines[earlier])
+        kept = [line for line in lines[later] if line not in known]
+        cross += len(lines[later]) - len(kept)
+        lines[later] = kept
     stats = {
         "sentences_read": read,
         "lines_kept": sum(len(v) for v in lines.values()),
@@ -498,6 +564,7 @@ def _clean_all(
         "folded_to_ascii": folded_count,
         "chars_dropped": dropped,
         "duplicates": duplicates,
+        "cross_split_lines": cross,
         "lines_by_split": {s: len(lines[s]) for s in SPLIT_NAMES},
     }
     return lines, stats

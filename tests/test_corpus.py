@@ -1,4 +1,4 @@
-"""Corpus loading and the clean-v1 cleaning policy.
+"""Corpus loading and the clean-v2 cleaning policy.
 
 Run: ``pytest tests/test_corpus.py`` (the real-data tests need ../shared/data).
 """
@@ -235,7 +235,7 @@ def test_load_text_file_counts_and_dedupes(tmp_path):
     assert stats["chars_dropped"] == 1 + 1 + 1 + 1 + 3
     assert stats["lines_by_split"] == {"train": 3, "val": 0, "test": 0}
     assert corpus.source["kind"] == "text"
-    assert corpus.source["cleaning"] == CLEANING_POLICY == "clean-v1"
+    assert corpus.source["cleaning"] == CLEANING_POLICY == "clean-v2"
     (entry,) = corpus.source["files"]
     assert entry["name"] == "corpus.txt"
     assert entry["bytes"] == len((tmp_path / "corpus.txt").read_bytes())
@@ -428,3 +428,37 @@ def test_real_wikisplit_detokenized_has_no_artifacts(shared_data):
     for artifact in (" ,", " .", "( ", " )", "''", " 's ", " n't", "  "):
         bad = [line for line in lines if artifact in line]
         assert not bad, f"{artifact!r} in {len(bad)} lines, e.g. {bad[:2]}"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("🐍 ❤️ ✨ hello", ["hello"]),
+        ("服部克久 is a composer", ["is a composer"]),
+        ("Shalom Hanoch (Hebrew: שלום חנוך) sang", ["Shalom Hanoch Hebrew sang"]),
+        ("café Straße 5 °C and £3", ["cafe Strasse 5 C and 3"]),
+        ("229 km² of Łódź", ["229 km2 of Lodz"]),
+    ],
+)
+def test_no_script_or_symbol_becomes_words_in_the_label(raw, expected):
+    # Only plain forms are kept: other scripts, symbols and emoji are dropped,
+    # never romanized into words the sentence did not hold.
+    assert clean(raw, BYCLASS, 48) == expected
+
+
+def test_wrapped_lines_shared_by_two_sentences_stay_in_one_split(tmp_path):
+    # Many sentences share the line "2008"; wherever their other lines go, the
+    # shared line must not be in train and in an evaluation split.
+    text = "\n".join(f"sentence number {i} ends in 2008" for i in range(400))
+    corpus = load(
+        write(tmp_path, "w.txt", text),
+        max_chars=22,
+        overflow="wrap",
+        val=0.2,
+        test=0.2,
+    )
+    train = set(corpus.sentences["train"])
+    assert "in 2008" in train
+    assert not train & set(corpus.sentences["val"])
+    assert not train & set(corpus.sentences["test"])
+    assert corpus.stats["cross_split_lines"] > 0
