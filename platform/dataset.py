@@ -134,7 +134,18 @@ def split_line_counts(settings: GenerateSettings) -> dict[str, int]:
 def plan_shards(settings: GenerateSettings) -> list[ShardPlan]:
     """Every shard of the version, in a fixed order (train, val, test)."""
     plans = []
-    for split, count in split_line_counts(settings).items():
+    counts = split_line_counts(settings)
+    for split in ("val", "test"):
+        if counts[split] == 0 and getattr(settings, f"{split}_fraction") > 0:
+            logger.warning(
+                "%d lines leave the %s split empty (%s_fraction %.2f); generate "
+                "more lines for an evaluation split",
+                settings.lines,
+                split,
+                split,
+                getattr(settings, f"{split}_fraction"),
+            )
+    for split, count in counts.items():
         for index in range(math.ceil(count / settings.shard_size)):
             rows = min(settings.shard_size, count - index * settings.shard_size)
             plans.append(ShardPlan(split, index, rows))
@@ -404,12 +415,27 @@ def prepare(
     existing = _read_json(root.child(MANIFEST))
     pending = _read_json(root.child(PENDING))
     if existing is not None:
+        _check_manifest(root, existing)
         _check_same_version(root, existing.get("dataset_version"), version)
-        done = {s["name"]: ShardRecord(**s) for s in existing["shards"]}
-        return GenerationJob(settings, sources, version, root, plans, done, existing)
+        recorded = {s["name"]: ShardRecord(**s) for s in existing["shards"]}
+        done = _intact(root, recorded)
+        if len(done) == len(recorded):
+            return GenerationJob(
+                settings, sources, version, root, plans, done, existing
+            )
+        # Missing or truncated shards: take the manifest back and rewrite them.
+        logger.warning(
+            "%s: %d of %d shards are missing or damaged; rewriting them",
+            root.url,
+            len(recorded) - len(done),
+            len(recorded),
+        )
+        _write_pending(root, version, settings)
+        root.fs.rm(root.child(MANIFEST).path)
+        return GenerationJob(settings, sources, version, root, plans, done)
     if pending is not None:
         _check_same_version(root, pending.get("dataset_version"), version)
-        done = _committed_shards(root, plans)
+        done = _intact(root, _committed_shards(root, plans))
         logger.info(
             "resuming dataset version %s at %s: %d of %d shards already committed",
             version,
@@ -419,14 +445,38 @@ def prepare(
         )
     else:
         _check_empty(root)
-        write_atomic(
-            root.child(PENDING),
-            json.dumps(
-                {"dataset_version": version, "settings": settings.public_dict()},
-                indent=2,
-            ).encode(),
-        )
+        _write_pending(root, version, settings)
     return GenerationJob(settings, sources, version, root, plans, done)
+
+
+def _write_pending(root: Location, version: str, settings: GenerateSettings) -> None:
+    write_atomic(
+        root.child(PENDING),
+        json.dumps(
+            {"dataset_version": version, "settings": settings.public_dict()},
+            indent=2,
+        ).encode(),
+    )
+
+
+def _intact(root: Location, records: dict[str, ShardRecord]) -> dict[str, ShardRecord]:
+    """The records whose shard is present with the recorded size (one listing).
+
+    Sizes catch missing and truncated shards cheaply; ``verify`` (``scribeline
+    inspect``) compares checksums.
+    """
+    try:
+        sizes = {
+            posixpath.basename(entry["name"]): entry["size"]
+            for entry in root.fs.ls(root.child(SHARD_DIR).path, detail=True)
+        }
+    except FileNotFoundError:
+        return {}
+    return {
+        name: record
+        for name, record in records.items()
+        if sizes.get(posixpath.basename(name)) == record.bytes
+    }
 
 
 def _read_json(loc: Location) -> dict[str, Any] | None:
@@ -436,8 +486,8 @@ def _read_json(loc: Location) -> dict[str, Any] | None:
         return None
     except json.JSONDecodeError as err:
         raise DatasetError(
-            f"{loc.url} is not valid JSON ({err}); it is damaged: delete it and "
-            "generate again."
+            f"{loc.url} is not valid JSON ({err}); the dataset version is damaged: "
+            "delete its folder and generate again."
         ) from err
 
 
@@ -457,6 +507,13 @@ def _check_empty(root: Location) -> None:
         return
     except OSError as err:
         raise StorageError(f"cannot list {root.url}: {err}") from err
+    names = {posixpath.basename(e.rstrip("/")) for e in entries}
+    if SHARD_DIR in names:
+        raise DatasetError(
+            f"{root.url} holds shards but neither {MANIFEST} nor {PENDING}: its "
+            "record of which dataset version it is was deleted. Delete the folder "
+            "and generate again, or choose another --output."
+        )
     if entries and not root.fs.isfile(root.path):
         raise DatasetError(
             f"{root.url} is not empty and holds no scribeline dataset "
@@ -491,6 +548,12 @@ def _committed_shards(root: Location, plans: list[ShardPlan]) -> dict[str, Shard
             )
         except (FileNotFoundError, json.JSONDecodeError, TypeError):
             data = root.child(plan.name).read_bytes()
+            try:
+                rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+            except (pa.ArrowException, OSError):
+                rows = -1
+            if rows != plan.rows:  # damaged after its commit: write it again
+                continue
             record = ShardRecord(
                 plan.name, plan.split, plan.rows, len(data), sha256_bytes(data)
             )
@@ -607,10 +670,22 @@ def local_runner(
         return
     # spawn, not fork: the parent may hold threads (progress bars, Prefect).
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(settings.workers, mp_context=ctx) as pool:
+    pool = ProcessPoolExecutor(
+        settings.workers, mp_context=ctx, initializer=_quiet_worker
+    )
+    try:
         futures = [pool.submit(write_shard, settings, plan) for plan in todo]
         for future in as_completed(futures):
             yield future.result()
+    finally:
+        # On Ctrl-C or an error, shards not started are dropped at once; the
+        # ones being written finish or die, and a rerun resumes either way.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _quiet_worker() -> None:
+    """Worker processes: the parent already logged the source warnings."""
+    logging.getLogger("scribeline").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------
@@ -632,12 +707,36 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> di
         raise FileNotFoundError(
             f"no dataset version at {root.url} ({MANIFEST} is missing); {hint}."
         )
-    if manifest.get("format") != FORMAT:
-        raise DatasetError(
-            f"{root.url} holds format {manifest.get('format')!r}, not {FORMAT!r}; "
-            "regenerate it with this version of scribeline."
-        )
+    _check_manifest(root, manifest)
     return manifest
+
+
+_MANIFEST_KEYS = {
+    "dataset_version": str,
+    "settings": dict,
+    "charset": dict,
+    "image_encoding": dict,
+    "sources": dict,
+    "shards": list,
+    "totals": dict,
+}
+
+
+def _check_manifest(root: Location, manifest: Any) -> None:
+    """A manifest that is JSON but not ours, or cut short, is a clear error."""
+    where = f"{root.url}/{MANIFEST}"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise DatasetError(
+            f"{where} is not a {FORMAT} manifest (format {found!r}); regenerate "
+            "the dataset version with this scribeline into an empty folder."
+        )
+    for key, kind in _MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise DatasetError(
+                f"{where} has no valid {key!r}; the manifest is damaged: delete the "
+                "folder and generate the dataset version again."
+            )
 
 
 def verify(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:

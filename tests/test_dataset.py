@@ -246,3 +246,66 @@ def test_stored_images_decode_to_what_was_rendered(tmp_path, encoding, layout):
         expected = rendered if encoding == "raw8" else _TO_LEVEL[rendered] * 17
         np.testing.assert_array_equal(row["image"], expected)
         assert np.abs(row["image"].astype(int) - rendered).max() <= 8
+
+
+def test_rerun_repairs_missing_and_truncated_shards(tmp_path, tiny):
+    out = tmp_path / "ds"
+    s = settings_for(str(out))
+    manifest = dataset.generate(s)
+    first, second = (
+        (out / manifest["shards"][0]["name"]),
+        (out / manifest["shards"][1]["name"]),
+    )
+    first.write_bytes(first.read_bytes()[:1000])
+    second.unlink()
+    assert dataset.verify(str(out))
+    repaired = dataset.generate(s)
+    assert dataset.verify(str(out)) == []
+    assert shard_bytes(out) == shard_bytes(tiny)
+    assert [x["sha256"] for x in repaired["shards"]] == [
+        x["sha256"] for x in manifest["shards"]
+    ]
+
+
+def test_resume_does_not_trust_a_damaged_shard_without_its_record(tmp_path, tiny):
+    out = tmp_path / "ds"
+    s = settings_for(str(out))
+    job = dataset.prepare(s)
+    dataset.write_shard(s, job.plans[0], job.sources)
+    (out / "_records" / "train-00000.parquet.json").unlink()
+    shard = out / job.plans[0].name
+    shard.write_bytes(shard.read_bytes()[:5000])
+    assert dataset.prepare(s).done == {}
+    dataset.generate(s)
+    assert shard_bytes(out) == shard_bytes(tiny)
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        ('{"format": "scribeline-dataset-v1"}', "no valid 'dataset_version'"),
+        ("[]", "is not a scribeline-dataset-v1 manifest"),
+        ("{not json", "is not valid JSON"),
+    ],
+)
+def test_damaged_manifest_is_a_clear_error(tmp_path, content, words):
+    (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(DatasetError, match=words):
+        dataset.read_manifest(str(tmp_path))
+    with pytest.raises(DatasetError, match=words):
+        dataset.generate(settings_for(str(tmp_path)))
+
+
+def test_shards_without_manifest_or_pending_are_refused(tmp_path):
+    out = tmp_path / "ds"
+    dataset.generate(settings_for(str(out), lines=30, shard_size=30))
+    (out / "manifest.json").unlink()
+    with pytest.raises(DatasetError, match="holds shards but neither"):
+        dataset.generate(settings_for(str(out), lines=30, shard_size=30))
+
+
+def test_tiny_runs_warn_that_a_split_is_empty(caplog):
+    with caplog.at_level("WARNING"):
+        plans = dataset.plan_shards(GenerateSettings(lines=5))
+    assert {p.split for p in plans} == {"train"}
+    assert "leave the val split empty" in caplog.text
