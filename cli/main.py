@@ -54,20 +54,29 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Debug logs.")
     ] = False,
     version: Annotated[
-        bool, typer.Option("--version", help="Print the version.")
+        bool,
+        typer.Option(
+            "--version",
+            help="Print the version.",
+            callback=_print_version,
+            is_eager=True,
+        ),
     ] = False,
 ) -> None:
     """scribeline: make synthetic handwriting datasets and train line recognizers."""
     _setup_logging(verbose)
-    if version:
-        typer.echo(__version__)
-        raise typer.Exit()
 
 
 def _fail(message: str) -> typer.Exit:
@@ -121,7 +130,9 @@ GlyphsOpt = Annotated[
 ]
 SplitOpt = Annotated[
     str | None,
-    typer.Option(help="EMNIST split: byclass, balanced, bymerge, letters, digits."),
+    typer.Option(
+        help="EMNIST split: byclass, balanced, bymerge, letters, digits, mnist."
+    ),
 ]
 CorpusOpt = Annotated[
     str | None,
@@ -159,8 +170,14 @@ def generate(
     overflow: Annotated[
         str | None, typer.Option(help="Long sentences: cut or wrap.")
     ] = None,
-    val_fraction: Annotated[float | None, typer.Option()] = None,
-    test_fraction: Annotated[float | None, typer.Option()] = None,
+    val_fraction: Annotated[
+        float | None,
+        typer.Option(help="Share of sentences, glyph images and lines for val."),
+    ] = None,
+    test_fraction: Annotated[
+        float | None,
+        typer.Option(help="Share of sentences, glyph images and lines for test."),
+    ] = None,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -230,6 +247,13 @@ def generate(
             manifest = _generate_with_progress(dataset, settings, runner)
     except (ScribelineError, FileNotFoundError) as err:
         raise _fail(str(err)) from err
+    except KeyboardInterrupt:
+        console.print(
+            "interrupted: committed shards are kept; rerun the same command to "
+            "finish the rest.",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
     _print_summary(manifest)
     typer.echo(f"dataset version {manifest['dataset_version']} -> {settings.output}")
 
@@ -252,7 +276,7 @@ def _progress() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        transient=False,
+        transient=True,
     )
 
 
@@ -309,6 +333,10 @@ def preview(
     """
     from scribeline.platform import preview as previews
 
+    if out.suffix.lower() != ".png" or out.is_dir():
+        raise _fail(f"--out {out} must name a .png file, e.g. --out preview.png")
+    if png_dir is not None and png_dir.exists() and not png_dir.is_dir():
+        raise _fail(f"--png-dir {png_dir} is a file; name a folder for the PNGs.")
     options = _storage_options(storage_option)
     try:
         if dataset_url:
@@ -356,6 +384,13 @@ def inspect(
         raise _fail(str(err)) from err
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
+        if verify and not problems:  # stdout stays pure JSON
+            console.print(f"verified {len(manifest['shards'])} shards", highlight=False)
+        elif problems:
+            for problem in problems:
+                console.print(f"bad shard {problem}", highlight=False)
+            raise typer.Exit(2)
+        return
     else:
         _print_summary(manifest)
         corpus = manifest["corpus"]
@@ -376,7 +411,8 @@ def inspect(
                 console.print(f"[red]bad shard[/] {problem}", highlight=False)
             raise _fail(
                 f"{len(problems)} of {len(manifest['shards'])} shards fail "
-                "verification; regenerate the dataset version."
+                "verification; rerun the generate command that made this dataset "
+                "version: it rewrites missing and damaged shards."
             )
         typer.echo(f"verified {len(manifest['shards'])} shards: all checksums match")
 

@@ -779,17 +779,28 @@ def iter_rows(
     for shard in manifest["shards"]:
         if split is not None and shard["split"] != split:
             continue
-        with root.fs.open(root.child(shard["name"]).path, "rb") as f:
-            # Row group by row group: a preview of 8 lines reads one group.
+        for row in _shard_rows(root, shard["name"], encoding):
+            yield row
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+
+def _shard_rows(root: Location, name: str, encoding: str) -> Iterator[dict[str, Any]]:
+    """One shard's rows, row group by row group (a preview reads one group)."""
+    try:
+        with root.fs.open(root.child(name).path, "rb") as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=256):
                 for row in batch.to_pylist():
                     row["image"] = decode_image(
                         row["image"], row["height"], row["width"], encoding
                     )
                     yield row
-                    count += 1
-                    if limit is not None and count >= limit:
-                        return
+    except (pa.ArrowException, ValueError) as err:
+        raise DatasetError(
+            f"shard {name} of {root.url} is damaged ({err}); rerun the generate "
+            "command that made it to rewrite damaged shards."
+        ) from err
 
 
 def decode_image(

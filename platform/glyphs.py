@@ -178,7 +178,7 @@ def load_glyph_bank(settings: Any) -> GlyphBank:
     logger.warning(
         "No EMNIST given: using the embedded glyph bank rendered from handwriting "
         "fonts shipped with scribeline (Caveat, Indie Flower, Kalam). For real "
-        "handwriting pass --glyphs PATH_TO_EMNIST (see README: Getting EMNIST)."
+        "handwriting pass --glyphs PATH_TO_EMNIST (see README: Getting real data)."
     )
     return embedded_glyph_bank(
         val_fraction=settings.val_fraction,

@@ -92,7 +92,9 @@ class GenerateSettings(BaseSettings):
         None,
         description="EMNIST folder, gzip.zip or fsspec URL; None: embedded fonts",
     )
-    emnist_split: str = Field(
+    emnist_split: Literal[
+        "byclass", "bymerge", "balanced", "letters", "digits", "mnist"
+    ] = Field(
         "byclass", description="byclass keeps letter case; balanced merges 15 letters"
     )
     corpus: str | None = Field(
@@ -158,10 +160,14 @@ class GenerateSettings(BaseSettings):
         return self
 
     def content_dict(self) -> dict[str, Any]:
-        """The settings that decide the shards' content (no paths, no secrets)."""
-        return self.model_dump(
-            mode="json", exclude={"output", "storage_options", "workers"}
-        )
+        """The settings that decide the shards' content (no paths, no secrets).
+
+        ``emnist_split`` only matters when EMNIST is the glyph source.
+        """
+        exclude = {"output", "storage_options", "workers"}
+        if not self.glyphs:
+            exclude.add("emnist_split")
+        return self.model_dump(mode="json", exclude=exclude)
 
     def public_dict(self) -> dict[str, Any]:
         """The settings as written beside outputs: everything but storage options."""

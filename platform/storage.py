@@ -252,6 +252,11 @@ def _fatal(loc: Location, action: str, err: BaseException) -> StorageError:
             f"bucket {bucket!r} does not exist at {_endpoint(loc)}. Create it "
             f"(e.g. `aws s3 mb s3://{bucket}`) or fix the bucket name in the URL."
         )
+    elif isinstance(err, PermissionError) and not bucket:
+        hint = (
+            f"permission denied ({_describe(err)}). Choose a folder this user may "
+            f"{'write to' if action == 'write' else 'read'}."
+        )
     elif isinstance(err, PermissionError) or code in (
         "AccessDenied",
         "InvalidAccessKeyId",
@@ -275,6 +280,8 @@ def _fatal(loc: Location, action: str, err: BaseException) -> StorageError:
             "no credentials were found. Pass storage options key/secret or set "
             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
         )
+    elif isinstance(err, NotADirectoryError | FileExistsError):
+        hint = f"{_describe(err)}. A file is in the way: the path must be a folder."
     else:
         hint = (
             f"{_describe(err)}. Check that the location exists and is "

@@ -172,3 +172,54 @@ def test_generate_as_a_prefect_flow(tmp_path, prefect_harness):
     result = run("generate", "--prefect", "-o", str(out), "-n", "40")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "manifest.json").read_text())["totals"]["lines"] == 40
+
+
+def test_version_and_pure_json(tmp_path):
+    result = run("--version")
+    assert result.exit_code == 0 and result.output.strip() == "0.1.0"
+    out = tmp_path / "ds"
+    assert run("generate", "-o", str(out), "-n", "20").exit_code == 0
+    result = runner.invoke(app, ["inspect", str(out), "--json"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["totals"]["lines"] == 20
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--out", "grid.txt"], "must name a .png file"),
+        (["--png-dir", "a-file"], "is a file; name a folder"),
+    ],
+)
+def test_preview_refuses_bad_destinations(tmp_path, args, words, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    result = run("preview", "--count", "1", *args)
+    assert result.exit_code == 2
+    assert words in " ".join(result.output.split())
+
+
+def test_preview_of_a_damaged_shard_is_one_clear_line(tmp_path):
+    out = tmp_path / "ds"
+    assert run("generate", "-o", str(out), "-n", "20").exit_code == 0
+    shard = next((out / "shards").glob("train-*.parquet"))
+    shard.write_bytes(b"PAR1" + b"\0" * 100)
+    result = run("preview", "--dataset", str(out), "--out", str(tmp_path / "p.png"))
+    assert result.exit_code == 2
+    assert "is damaged" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_emnist_split_is_checked_and_ignored_without_emnist(tmp_path):
+    result = run("generate", "--emnist-split", "foo", "-o", str(tmp_path / "a"))
+    assert result.exit_code == 2 and "emnist_split" in result.output
+    a, b = tmp_path / "b", tmp_path / "c"
+    assert run("generate", "-n", "20", "-o", str(a)).exit_code == 0
+    assert (
+        run(
+            "generate", "-n", "20", "--emnist-split", "balanced", "-o", str(b)
+        ).exit_code
+        == 0
+    )
+    version = json.loads((a / "manifest.json").read_text())["dataset_version"]
+    assert version == json.loads((b / "manifest.json").read_text())["dataset_version"]
