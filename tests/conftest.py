@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -136,3 +137,4 @@ def ray_cluster():
     )
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
