@@ -565,7 +565,7 @@ def export_tflite(
     from scribeline.platform.recognizer import Recognizer
 
     started = time.perf_counter()
-    wanted = _check_variants(variants)
+    wanted = check_variants(variants)
     if parity_lines < 1:
         raise SettingsError(f"parity_lines must be at least 1, got {parity_lines}.")
 
@@ -670,7 +670,9 @@ def export_tflite(
     return report
 
 
-def _check_variants(variants: tuple[str, ...] | list[str]) -> list[str]:
+def check_variants(variants: tuple[str, ...] | list[str]) -> list[str]:
+    """The variants asked for, in order, once each; ``SettingsError`` names
+    unknown ones."""
     wanted = list(dict.fromkeys(variants))
     unknown = [v for v in wanted if v not in VARIANTS]
     if unknown or not wanted:
