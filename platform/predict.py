@@ -116,8 +116,6 @@ def _read_bytes(source: str | Path, storage_options: dict[str, Any] | None) -> b
         return resolve(str(source), storage_options).read_bytes()
     except FileNotFoundError as err:
         raise FileNotFoundError(f"no line image at {source}.") from err
-    except IsADirectoryError as err:
-        raise ImageError(f"{source} is a folder, not a PNG line image.") from err
 
 
 def decode_png(data: bytes, name: str = "image") -> np.ndarray:

@@ -546,7 +546,8 @@ def test_nightly_deployment_runs_the_pipeline(tmp_path):
         settings={"lines": 400},
         training={"max_steps": 10},
     )
-    assert deployment.name == "nightly-pipeline"
+    assert deployment.name == "nightly"
+    assert deployment.entrypoint == "scribeline.flows.pipeline.nightly_pipeline"
     assert deployment.parameters["nightly"] is True
     assert deployment.parameters["training"] == {"max_steps": 10}
     schedule = deployment.schedules[0].schedule
