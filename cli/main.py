@@ -419,10 +419,12 @@ def inspect(
 
 def _register_commands() -> None:
     from scribeline.deploy_cmd import register as register_deploy
+    from scribeline.export_cmd import register as register_export
     from scribeline.stack_cmd import register as register_stack
     from scribeline.train_cmd import register as register_train
 
     register_train(app)
+    register_export(app)
     register_deploy(app)
     register_stack(app)
 
