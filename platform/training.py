@@ -423,7 +423,8 @@ class Trainer:
         settings, source = self.settings, self.source
         layout = source.layout
         width = int(layout["max_chars"]) * int(layout["slot_width"])
-        width = max([width] + [source.scan(s).max_width for s in SPLITS])
+        if layout.get("mode") != "seed":  # natural lines: as wide as the widest
+            width = max([width] + [source.scan(s).max_width for s in SPLITS])
         step_width = 2 * settings.model.time_pool
         width = math.ceil(width / step_width) * step_width
         self.time_steps = time_steps_for(width, settings.model.time_pool)
