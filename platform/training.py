@@ -173,6 +173,9 @@ def make_optimizer(settings: TrainSettings, total_steps: int, mixed: bool) -> An
         warmup_target=settings.learning_rate if settings.warmup_steps else None,
         warmup_steps=settings.warmup_steps,
     )
+    # NOTE: Keras clips each replica's gradient before summing the replicas, so
+    # with several replicas clipnorm bounds each share, not the global norm.
+    # It only acts on rare CTC spikes; one device and N replicas agree otherwise.
     optimizer = keras.optimizers.Adam(schedule, clipnorm=settings.clipnorm)
     if mixed:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
