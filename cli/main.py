@@ -19,7 +19,6 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import (
     BarColumn,
@@ -32,10 +31,10 @@ from rich.progress import (
 from rich.table import Table
 
 from scribeline import __version__
+from scribeline.common import console, fail, storage_options
 from scribeline.platform.errors import ScribelineError
 
 logger = logging.getLogger(__name__)
-console = Console(stderr=True)
 app = typer.Typer(
     name="scribeline",
     help="Synthetic handwritten-line datasets from EMNIST glyphs, and recognizers.",
@@ -79,11 +78,6 @@ def main(
     _setup_logging(verbose)
 
 
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(2)
-
-
 def _settings(overrides: dict[str, Any]) -> Any:
     """Build settings from flags that were given; the rest from env/defaults."""
     from scribeline.platform.settings import GenerateSettings
@@ -98,25 +92,7 @@ def _settings(overrides: dict[str, Any]) -> Any:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise _fail(f"{where}: {first['msg']} (got {first.get('input')!r})") from err
-
-
-def _storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
-    if not pairs:
-        return None
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise _fail(
-                f"--storage-option {pair!r} is not KEY=VALUE; e.g. "
-                "--storage-option endpoint_url=http://127.0.0.1:9000"
-            )
-        if key in ("endpoint_url", "region_name"):  # s3fs wants these nested
-            options.setdefault("client_kwargs", {})[key] = value
-        else:
-            options[key] = value
-    return options
+        raise fail(f"{where}: {first['msg']} (got {first.get('input')!r})") from err
 
 
 GlyphsOpt = Annotated[
@@ -223,7 +199,7 @@ def generate(
             "val_fraction": val_fraction,
             "test_fraction": test_fraction,
             "workers": workers,
-            "storage_options": _storage_options(storage_option),
+            "storage_options": storage_options(storage_option),
             "layout": {"mode": layout, "max_chars": max_chars, "height": height},
         }
     )
@@ -246,7 +222,7 @@ def generate(
                 runner = RayRunner(address=address, num_workers=settings.workers)
             manifest = _generate_with_progress(dataset, settings, runner)
     except (ScribelineError, FileNotFoundError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     except KeyboardInterrupt:
         console.print(
             "interrupted: committed shards are kept; rerun the same command to "
@@ -334,10 +310,10 @@ def preview(
     from scribeline.platform import preview as previews
 
     if out.suffix.lower() != ".png" or out.is_dir():
-        raise _fail(f"--out {out} must name a .png file, e.g. --out preview.png")
+        raise fail(f"--out {out} must name a .png file, e.g. --out preview.png")
     if png_dir is not None and png_dir.exists() and not png_dir.is_dir():
-        raise _fail(f"--png-dir {png_dir} is a file; name a folder for the PNGs.")
-    options = _storage_options(storage_option)
+        raise fail(f"--png-dir {png_dir} is a file; name a folder for the PNGs.")
+    options = storage_options(storage_option)
     try:
         if dataset_url:
             samples = previews.samples_from_dataset(dataset_url, count, split, options)
@@ -358,7 +334,7 @@ def preview(
             written = previews.write_pngs(samples, png_dir)
             typer.echo(f"{len(written)} line images -> {png_dir}")
     except (ScribelineError, FileNotFoundError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     typer.echo(f"{len(samples)} lines -> {out}")
 
 
@@ -376,12 +352,12 @@ def inspect(
     """Summarise a dataset version and verify every shard's checksum."""
     from scribeline.platform import dataset
 
-    options = _storage_options(storage_option)
+    options = storage_options(storage_option)
     try:
         manifest = dataset.read_manifest(dataset_url, options)
         problems = dataset.verify(dataset_url, options) if verify else []
     except (ScribelineError, FileNotFoundError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
         if verify and not problems:  # stdout stays pure JSON
@@ -409,7 +385,7 @@ def inspect(
         if problems:
             for problem in problems:
                 console.print(f"[red]bad shard[/] {problem}", highlight=False)
-            raise _fail(
+            raise fail(
                 f"{len(problems)} of {len(manifest['shards'])} shards fail "
                 "verification; rerun the generate command that made this dataset "
                 "version: it rewrites missing and damaged shards."

@@ -33,6 +33,8 @@ from typing import Annotated, Any
 
 import typer
 
+from scribeline.common import fail, storage_options
+
 STATE_FILE = "stack.json"
 DEFAULT_STATE = Path("scribeline-data") / "stack"
 
@@ -144,22 +146,21 @@ def up(
 
     Everything listens on 127.0.0.1. `scribeline down` stops it all.
     """
-    from scribeline.main import _fail, _storage_options
 
     state_dir = state_dir.resolve()
     state_path = state_dir / STATE_FILE
     if state_path.exists():
-        raise _fail(
+        raise fail(
             f"a stack is already up ({state_path}); run `scribeline down "
             f"--state-dir {state_dir}` first."
         )
     if not _port_free(prefect_port):
-        raise _fail(
+        raise fail(
             f"port {prefect_port} on 127.0.0.1 is taken; pass --prefect-port with "
             "a free port."
         )
     state_dir.mkdir(parents=True, exist_ok=True)
-    options = _storage_options(storage_option)
+    options = storage_options(storage_option)
     api = f"http://127.0.0.1:{prefect_port}/api"
     env = {
         **os.environ,
@@ -286,7 +287,7 @@ def up(
     except (RuntimeError, OSError) as err:
         _stop_all(stack)
         state_path.unlink(missing_ok=True)
-        raise _fail(f"the stack did not come up: {err}") from err
+        raise fail(f"the stack did not come up: {err}") from err
 
     typer.echo(f"deployment      nightly-generate/nightly  {cron} ({timezone})")
     typer.echo(f"state           {state_path}")
@@ -310,15 +311,14 @@ def down(
     grace: Annotated[float, typer.Option(help="Seconds before SIGKILL.")] = 20,
 ) -> None:
     """Stop the stack `scribeline up` started; leave no process behind."""
-    from scribeline.main import _fail
 
     state_path = state_dir.resolve() / STATE_FILE
     if not state_path.exists():
-        raise _fail(f"no stack is up at {state_dir} ({STATE_FILE} not found).")
+        raise fail(f"no stack is up at {state_dir} ({STATE_FILE} not found).")
     stack = json.loads(state_path.read_text())
     left = _stop_all(stack, grace)
     if left:
-        raise _fail(f"processes still running after SIGKILL: {left}")
+        raise fail(f"processes still running after SIGKILL: {left}")
     state_path.unlink()
     typer.echo(f"stopped {', '.join(stack['processes'])}")
 

@@ -17,7 +17,6 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -28,36 +27,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from scribeline.common import console, fail, storage_options
 from scribeline.platform.errors import ScribelineError
 
 logger = logging.getLogger(__name__)
-console = Console(stderr=True)
 
 STRATEGIES = ("auto", "one", "mirrored", "ray")
-
-
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(2)
-
-
-def _storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
-    """``KEY=VALUE`` flags -> s3fs storage options (endpoint and region nested)."""
-    if not pairs:
-        return None
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise _fail(
-                f"--storage-option {pair!r} is not KEY=VALUE; e.g. "
-                "--storage-option endpoint_url=http://127.0.0.1:9000"
-            )
-        if key in ("endpoint_url", "region_name"):
-            options.setdefault("client_kwargs", {})[key] = value
-        else:
-            options[key] = value
-    return options
 
 
 def _settings(given: dict[str, Any]) -> Any:
@@ -73,10 +48,8 @@ def _settings(given: dict[str, Any]) -> Any:
         if isinstance(err, ValidationError):
             first = err.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "settings"
-            raise _fail(
-                f"{where}: {first['msg']} (got {first.get('input')!r})"
-            ) from err
-        raise _fail(str(err)) from err
+            raise fail(f"{where}: {first['msg']} (got {first.get('input')!r})") from err
+        raise fail(str(err)) from err
 
 
 def train(
@@ -146,7 +119,7 @@ def train(
     at any point. The end writes final.json with the metrics.
     """
     if strategy not in STRATEGIES:
-        raise _fail(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}.")
+        raise fail(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}.")
     settings = _settings(
         {
             "dataset": dataset,
@@ -160,7 +133,7 @@ def train(
             "resume": resume or None,
             "eval_every": eval_every,
             "seed": seed,
-            "storage_options": _storage_options(storage_option),
+            "storage_options": storage_options(storage_option),
             "model": {"lstm_units": lstm_units},
         }
     )
@@ -177,7 +150,7 @@ def train(
         else:
             result = _train_here(settings)
     except (ScribelineError, FileNotFoundError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     _print_result(result)
 
 
