@@ -155,26 +155,17 @@ def _print_export(report: dict[str, Any]) -> None:
         f"({report['parity']['lines']} held-out test lines)"
     )
     table.add_column("model", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    for column in ("size", "CER", "WER", "max prob diff", "ms/line"):
+    for column in ("size", "CER", "WER", "prob diff", "ms/line"):
         table.add_column(column, justify="right", no_wrap=True)
-    table.add_row(
-        "keras",
-        "reference",
-        f"{keras['parameters']:,} params",
-        f"{keras['cer']:.4f}",
-        f"{keras['wer']:.4f}",
-        "",
-        "",
-    )
+    params = f"{keras['parameters'] / 1e3:,.0f}k params"
+    table.add_row("keras", params, f"{keras['cer']:.4f}", f"{keras['wer']:.4f}")
     for variant, entry in report["variants"].items():
         if entry["status"] == "dropped":
-            table.add_row(variant, "dropped", "", "", "", "", "")
+            table.add_row(variant, "dropped")
             continue
         metrics = entry["metrics"]
         table.add_row(
             variant,
-            "kept",
             _size(entry["bytes"]),
             f"{metrics['tflite']['cer']:.4f}",
             f"{metrics['tflite']['wer']:.4f}",
@@ -182,6 +173,11 @@ def _print_export(report: dict[str, Any]) -> None:
             f"{entry['latency']['median_ms']:.1f}",
         )
     console.print(table)
+    console.print(
+        "prob diff: the largest per-step probability difference to the Keras "
+        "model; ms/line: median, one interpreter thread.",
+        highlight=False,
+    )
     for variant, entry in report["variants"].items():
         if entry["status"] == "dropped":
             console.print(
@@ -379,18 +375,19 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"({data['lines']:,} lines: {splits})"
     )
     table.add_column("model", no_wrap=True)
-    table.add_column("status", no_wrap=True)
     for column in ("size", "CER", "WER", "parity dCER", "ms/line"):
         table.add_column(column, justify="right", no_wrap=True)
     for row in summary["models"]:
         if row["status"] == "dropped":
-            table.add_row(row["model"], "dropped", "", "", "", "", "")
+            table.add_row(row["model"], "dropped")
             continue
+        size = _size(row.get("bytes"))
+        if row["model"] == "keras":
+            size = f"{row['parameters'] / 1e3:,.0f}k params"
         delta = row.get("parity_cer_delta")
         table.add_row(
             row["model"],
-            row["status"],
-            _size(row.get("bytes")),
+            size,
             "" if row.get("cer") is None else f"{row['cer']:.4f}",
             "" if row.get("wer") is None else f"{row['wer']:.4f}",
             "" if delta is None else f"{100 * delta:+.2f} pts",
@@ -398,9 +395,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
     console.print(table)
     console.print(
-        "size: the .tflite file (keras: float32 weights); parity dCER: CER minus "
-        "the Keras model's on the export's held-out lines; ms/line: median, one "
-        "interpreter thread.",
+        "parity dCER: CER minus the Keras model's on the export's held-out lines; "
+        "ms/line: median, one interpreter thread.",
         highlight=False,
     )
     for row in summary["models"]:

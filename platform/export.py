@@ -62,24 +62,28 @@ int8 is kept only if it passes; otherwise it is dropped with a warning and the
 report says why.
 
 Tolerances. The largest absolute probability difference to Keras, measured on
-three models: a tiny one (6k parameters, 8 steps; 20 test lines), the
-``scribeline run`` demo (184k parameters, 600 steps on the embedded fonts; 500
-lines) and one trained on EMNIST + WikiSplit (449k parameters, 600 steps of
-128; 500 lines). The tolerance leaves ~3x headroom over the largest; the CER
-gate is the one a reader feels.
+four models: a tiny one (6k parameters, 8 steps; 20 test lines), the
+``scribeline run`` demo (184k parameters, 600 steps on the embedded fonts) and
+the default network (449k parameters) after 600 and 2300 steps of 128 lines of
+EMNIST + WikiSplit (test CER 6.6% and 3.1%); 500 test lines each. The
+tolerance leaves ~3x headroom over the largest. The better a model is trained,
+the sharper its softmax and the more a small logit change moves a probability
+at an ambiguous step, so the int8 figures grow with training; the CER gate is
+the one a reader feels.
 
-=============  =================================  ===========================
-variant        measured (tiny / demo / real)      tolerance (PROB_TOLERANCE)
-=============  =================================  ===========================
-float32        7e-9 / 1.0e-6 / 1.5e-6             1e-4
-float16        3.5e-6 / 1.5e-3 / 1.2e-3           0.01
-int8-dynamic   1.1e-4 / 0.050 / 0.060             0.2
-int8           (failed CER) / 0.087 / 0.077       0.3
-=============  =================================  ===========================
+=============  ==============================================  ==========
+variant        measured: tiny / demo / real 600 / real 2300    tolerance
+=============  ==============================================  ==========
+float32        7e-9 / 1.0e-6 / 1.5e-6 / 1.8e-6                 1e-4
+float16        3.5e-6 / 1.5e-3 / 1.2e-3 / 1.5e-3               0.01
+int8-dynamic   1.1e-4 / 0.050 / 0.060 / 0.117                  0.35
+int8           (failed CER) / 0.087 / 0.077 / 0.118            0.35
+=============  ==============================================  ==========
 
 Full int8 of the tiny model fails the CER gate on 20 lines (one line's worth
-of characters) and is dropped; quantised variants change a few greedy
-decodings (10 to 30 of 500 lines) while the CER moves by under 0.1 point.
+of characters) and is dropped; on the other models the quantised variants
+change the greedy decoding of 10 to 30 of 500 lines while the CER moves by
+under 0.1 point.
 
 Metadata. The JSON beside each model is also embedded in the flatbuffer's
 ``metadata`` list under the name ``scribeline`` (TFLite's own field for
@@ -143,8 +147,8 @@ CER_TOLERANCE = 0.005
 PROB_TOLERANCE = {
     "float32": 1e-4,
     "float16": 0.01,
-    "int8-dynamic": 0.2,
-    "int8": 0.3,
+    "int8-dynamic": 0.35,
+    "int8": 0.35,
 }
 # Train-split lines that calibrate full int8's activation ranges: TFLite's
 # guidance is ~100-500 samples; 200 take a few seconds on one core.
