@@ -16,10 +16,9 @@ import os
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=True)
+from scribeline.common import console, fail, storage_options
 
 StorageOpt = Annotated[
     list[str] | None,
@@ -55,33 +54,9 @@ def register(app: typer.Typer) -> None:
             app.command(name)(command)
 
 
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(2)
-
-
 def _quiet_tensorflow() -> None:
     """TensorFlow's C++ info and warning lines drown the output; errors stay."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def _storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
-    """``KEY=VALUE`` flags -> s3fs storage options (endpoint and region nested)."""
-    if not pairs:
-        return None
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise _fail(
-                f"--storage-option {pair!r} is not KEY=VALUE; e.g. "
-                "--storage-option endpoint_url=http://127.0.0.1:9000"
-            )
-        if key in ("endpoint_url", "region_name"):
-            options.setdefault("client_kwargs", {})[key] = value
-        else:
-            options[key] = value
-    return options
 
 
 def _variants(given: list[str] | None) -> tuple[str, ...] | None:
@@ -139,10 +114,10 @@ def export(
             dataset_url=dataset,
             variants=_variants(variants) or VARIANTS,
             parity_lines=parity_lines,
-            storage_options=_storage_options(storage_option),
+            storage_options=storage_options(storage_option),
         )
     except (ScribelineError, FileNotFoundError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     _print_export(report)
     kept = [v for v, entry in report["variants"].items() if entry["status"] == "kept"]
     typer.echo(f"wrote {', '.join(kept)} -> {report['output']}")
@@ -223,8 +198,8 @@ def predict(
     from scribeline.platform.predict import TFLiteReader, read_png
 
     if not images and not dataset:
-        raise _fail("give PNG line images to read, or --dataset URL to evaluate.")
-    options = _storage_options(storage_option)
+        raise fail("give PNG line images to read, or --dataset URL to evaluate.")
+    options = storage_options(storage_option)
     try:
         reader = TFLiteReader.load(model, options, num_threads=threads)
         for image in images or []:
@@ -239,7 +214,7 @@ def predict(
                 f"{result.line_accuracy:.4f}"
             )
     except (ScribelineError, FileNotFoundError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
 
 
 # --------------------------------------------------------------------------
@@ -358,12 +333,12 @@ def run(
             parity_lines=parity_lines,
             eval_lines=eval_lines,
             prefect=prefect,
-            storage_options=_storage_options(storage_option),
+            storage_options=storage_options(storage_option),
             workers=workers,
             echo=typer.echo,
         )
     except (ScribelineError, FileNotFoundError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     _print_summary(summary)
 
 
