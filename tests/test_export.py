@@ -268,6 +268,22 @@ def test_too_few_test_lines_for_the_parity_check(trained, tmp_path):
         export_tflite(trained[1], str(tmp_path), variants=("float32",))
 
 
+def test_export_to_s3_and_read_back(trained, s3_server, s3_bucket):
+    options = s3_server.storage_options
+    out = f"{s3_bucket}/tflite"
+    report = export_tflite(
+        trained[1],
+        out,
+        variants=("float32",),
+        parity_lines=TEST_LINES,
+        storage_options=options,
+    )
+    assert report["variants"]["float32"]["file"] == f"{out}/recognizer-float32.tflite"
+    reader = TFLiteReader.load(f"{out}/recognizer-float32.tflite", options)
+    image = rows_of(trained[0], count=1)[0]["image"]
+    assert reader.predict([image]) == Recognizer.load(trained[1]).read(image[None])
+
+
 # --------------------------------------------------------------------------
 # Predict: PNGs from the generator, sizes, polarity
 # --------------------------------------------------------------------------
