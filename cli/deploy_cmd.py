@@ -90,6 +90,19 @@ def deploy(
         str | None,
         typer.Option(help="Prefect Secret block with the storage options (JSON)."),
     ] = None,
+    pipeline: Annotated[
+        bool,
+        typer.Option(
+            "--pipeline/--dataset-only",
+            help="Every night run the whole pipeline (generate, train, export, "
+            "evaluate: nightly-pipeline/NAME), or only generate a dataset version "
+            "(nightly-generate/NAME, the default).",
+        ),
+    ] = False,
+    steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Training steps a night (--pipeline)."),
+    ] = None,
 ) -> None:
     from scribeline.flows import nightly
     from scribeline.platform.errors import ScribelineError
@@ -108,19 +121,37 @@ def deploy(
     if layout is not None:
         settings["layout"] = {"mode": layout}
     try:
-        deployment = nightly.nightly_deployment(
-            root,
-            keep=keep,
-            cron=cron,
-            timezone=timezone,
-            settings=settings or None,
-            name=name,
-            runner=runner,
-            ray_address=ray_address,
-            workers=workers,
-            storage_secret=storage_secret,
-            seed_per_night=seed is None,
-        )
+        if pipeline:
+            from scribeline.flows.pipeline import nightly_pipeline_deployment
+
+            deployment = nightly_pipeline_deployment(
+                root,
+                keep=keep,
+                cron=cron,
+                timezone=timezone,
+                settings=settings or None,
+                training={"max_steps": steps} if steps else None,
+                name=name,
+                runner=runner,
+                ray_address=ray_address,
+                workers=workers,
+                storage_secret=storage_secret,
+                seed_per_night=seed is None,
+            )
+        else:
+            deployment = nightly.nightly_deployment(
+                root,
+                keep=keep,
+                cron=cron,
+                timezone=timezone,
+                settings=settings or None,
+                name=name,
+                runner=runner,
+                ray_address=ray_address,
+                workers=workers,
+                storage_secret=storage_secret,
+                seed_per_night=seed is None,
+            )
     except (ScribelineError, ValueError) as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(2) from err
@@ -134,9 +165,9 @@ def deploy(
             fg="yellow",
             err=True,
         )
+    flow_name = "nightly-pipeline" if pipeline else "nightly-generate"
     typer.echo(
-        f"serving nightly-generate/{name}: {cron} ({timezone}), root {root}, "
-        f"keep {keep}"
+        f"serving {flow_name}/{name}: {cron} ({timezone}), root {root}, keep {keep}"
     )
     _serve(deployment)
 

@@ -105,11 +105,9 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _deployment_ready(api: str, name: str) -> bool:
+def _deployment_ready(api: str, flow_name: str, name: str) -> bool:
     try:
-        request = urllib.request.Request(
-            f"{api}/deployments/name/nightly-generate/{name}"
-        )
+        request = urllib.request.Request(f"{api}/deployments/name/{flow_name}/{name}")
         with urllib.request.urlopen(request, timeout=2) as response:
             return response.status == 200
     except OSError:
@@ -141,6 +139,14 @@ def up(
         typer.Option(help="fsspec option KEY=VALUE for --root (repeatable)."),
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each.")] = 120,
+    pipeline: Annotated[
+        bool,
+        typer.Option(
+            "--pipeline/--dataset-only",
+            help="Serve the whole nightly pipeline (generate, train, export) or "
+            "only dataset generation (the default).",
+        ),
+    ] = False,
 ) -> None:
     """Start a Prefect server, a local Ray cluster and the nightly deployment.
 
@@ -268,6 +274,8 @@ def up(
             "--workers",
             str(ray_cpus),
         ]
+        if pipeline:
+            command.append("--pipeline")
         if glyphs:
             command += ["--glyphs", glyphs]
         if corpus:
@@ -275,21 +283,22 @@ def up(
         log = state_dir / "deploy.log"
         worker = _start(command, log, {**env, "RAY_ADDRESS": address}, state_dir)
         record("deploy", worker, log)
+        flow_name = "nightly-pipeline" if pipeline else "nightly-generate"
         _wait(
-            lambda: _deployment_ready(api, "nightly"),
+            lambda: _deployment_ready(api, flow_name, "nightly"),
             "nightly deployment",
             worker,
             log,
             timeout,
         )
-        stack["deployment"] = "nightly-generate/nightly"
+        stack["deployment"] = f"{flow_name}/nightly"
         state_path.write_text(json.dumps(stack, indent=2))
     except (RuntimeError, OSError) as err:
         _stop_all(stack)
         state_path.unlink(missing_ok=True)
         raise fail(f"the stack did not come up: {err}") from err
 
-    typer.echo(f"deployment      nightly-generate/nightly  {cron} ({timezone})")
+    typer.echo(f"deployment      {stack['deployment']}  {cron} ({timezone})")
     typer.echo(f"state           {state_path}")
     typer.echo(f"next: export PREFECT_API_URL={api}; scribeline down when done")
 
