@@ -103,6 +103,14 @@ def deploy(
         int | None,
         typer.Option(min=1, help="Training steps a night (--pipeline)."),
     ] = None,
+    parity_lines: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Held-out lines each TFLite export must read like the Keras model "
+            "(--pipeline); the test split must hold at least this many.",
+        ),
+    ] = 500,
 ) -> None:
     from scribeline.flows import nightly
     from scribeline.platform.errors import ScribelineError
@@ -131,6 +139,7 @@ def deploy(
                 timezone=timezone,
                 settings=settings or None,
                 training={"max_steps": steps} if steps else None,
+                parity_lines=parity_lines,
                 name=name,
                 runner=runner,
                 ray_address=ray_address,
