@@ -22,7 +22,6 @@ with ``storage_secret``.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -56,9 +55,9 @@ def build_settings(
         )
     fields = {k: v for k, v in overrides.items() if v is not None}
     if storage_secret:
-        from prefect.blocks.system import Secret
+        from scribeline.flows.generate import load_storage_secret
 
-        fields["storage_options"] = json.loads(Secret.load(storage_secret).get())
+        fields["storage_options"] = load_storage_secret(storage_secret)
     return TrainSettings(dataset=dataset, output=output, **fields)
 
 
