@@ -2,13 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 # Logs, progress and errors go to stderr; stdout carries results (e.g. --json).
 console = Console(stderr=True)
+
+# Options that several commands take, declared once.
+GlyphsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--glyphs",
+        "--emnist",
+        help="EMNIST folder, gzip.zip or URL (official NIST layout). "
+        "Default: embedded handwriting fonts.",
+    ),
+]
+SplitOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="EMNIST split: byclass, balanced, bymerge, letters, digits, mnist."
+    ),
+]
+CorpusOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="WikiSplit .tsv or text file(s), comma-separated. Default: the "
+        "embedded pyjokes corpus."
+    ),
+]
+StorageOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--storage-option",
+        help="fsspec option KEY=VALUE for every URL (repeatable), e.g. "
+        "endpoint_url=http://127.0.0.1:9000",
+    ),
+]
 
 
 def fail(message: str) -> typer.Exit:

@@ -18,16 +18,16 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from scribeline.common import console, fail, storage_options
+from scribeline.common import (
+    CorpusOpt,
+    GlyphsOpt,
+    SplitOpt,
+    StorageOpt,
+    console,
+    fail,
+    storage_options,
+)
 
-StorageOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--storage-option",
-        help="fsspec option KEY=VALUE for every URL (repeatable), e.g. "
-        "endpoint_url=http://127.0.0.1:9000",
-    ),
-]
 VariantsOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -226,21 +226,9 @@ def run(
     output: Annotated[
         str, typer.Option("--output", "-o", help="Root folder or URL of the run.")
     ] = "scribeline-data/run",
-    glyphs: Annotated[
-        str | None,
-        typer.Option(
-            "--glyphs",
-            "--emnist",
-            help="EMNIST folder, gzip.zip or URL. Default: embedded fonts.",
-        ),
-    ] = None,
-    emnist_split: Annotated[
-        str | None, typer.Option(help="EMNIST split (byclass keeps case).")
-    ] = None,
-    corpus: Annotated[
-        str | None,
-        typer.Option(help="WikiSplit .tsv or text file(s), comma-separated."),
-    ] = None,
+    glyphs: GlyphsOpt = None,
+    emnist_split: SplitOpt = None,
+    corpus: CorpusOpt = None,
     lines: Annotated[
         int | None, typer.Option("--lines", "-n", min=1, help="Lines to generate.")
     ] = None,

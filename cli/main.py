@@ -31,7 +31,15 @@ from rich.progress import (
 from rich.table import Table
 
 from scribeline import __version__
-from scribeline.common import console, fail, storage_options
+from scribeline.common import (
+    CorpusOpt,
+    GlyphsOpt,
+    SplitOpt,
+    StorageOpt,
+    console,
+    fail,
+    storage_options,
+)
 from scribeline.platform.errors import ScribelineError
 
 logger = logging.getLogger(__name__)
@@ -93,38 +101,6 @@ def _settings(overrides: dict[str, Any]) -> Any:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
         raise fail(f"{where}: {first['msg']} (got {first.get('input')!r})") from err
-
-
-GlyphsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--glyphs",
-        "--emnist",
-        help="EMNIST folder, gzip.zip or URL (official NIST layout). "
-        "Default: embedded handwriting fonts.",
-    ),
-]
-SplitOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="EMNIST split: byclass, balanced, bymerge, letters, digits, mnist."
-    ),
-]
-CorpusOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="WikiSplit .tsv or text file(s), comma-separated. Default: the "
-        "embedded pyjokes corpus."
-    ),
-]
-StorageOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--storage-option",
-        help="fsspec option KEY=VALUE for every URL (repeatable), e.g. "
-        "endpoint_url=http://127.0.0.1:9000",
-    ),
-]
 
 
 @app.command()
