@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from scribeline.common import CorpusOpt, GlyphsOpt
+
 DEPLOY_HELP = """Serve the nightly deployment in this process until Ctrl-C.
 
 Registers the `nightly-generate/<name>` deployment with the Prefect API in
@@ -58,16 +60,8 @@ def deploy(
     lines: Annotated[
         int | None, typer.Option("--lines", "-n", help="Lines a night.")
     ] = None,
-    glyphs: Annotated[
-        str | None,
-        typer.Option(
-            "--glyphs", "--emnist", help="EMNIST folder or URL. Default: fonts."
-        ),
-    ] = None,
-    corpus: Annotated[
-        str | None,
-        typer.Option(help="WikiSplit .tsv or text file. Default: pyjokes."),
-    ] = None,
+    glyphs: GlyphsOpt = None,
+    corpus: CorpusOpt = None,
     shard_size: Annotated[int | None, typer.Option(help="Lines per shard.")] = None,
     layout: Annotated[
         str | None, typer.Option(help="seed (fixed slots) or natural (jitter).")
